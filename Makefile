@@ -1,0 +1,30 @@
+# Two commands for a fresh machine (each builds its own virtual environment):
+#   make demo   - the main job: a local multi-node run, end to end
+#   make test   - lint + the whole test suite
+VENV   ?= .venv
+PYTHON ?= python3
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed-stamp
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/macula-lab demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check macula_lab tests bench
+
+test: lint
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/transport.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,151 @@
+"""``macula-lab``: the command line.
+
+    macula-lab node ...        run a headless node (containers, pods, hosts)
+    macula-lab certs ...       lab certificate authority and node certificates
+    macula-lab ping URL ...    session handshake + PING against a running node
+    macula-lab demo            a small local multi-node demo (separate processes)
+
+This is a process entry point, so it owns its event loop (``asyncio.run``);
+library code never does, so that it runs inside Jupyter kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from . import __version__
+
+log = logging.getLogger("macula_lab")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="macula-lab", description="macula-lab: a lab kit for DHT service discovery over QUIC"
+    )
+    parser.add_argument("--version", action="version", version=f"macula-lab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from .config import add_node_arguments
+
+    p_node = sub.add_parser(
+        "node", help="run a headless node", description="Run a headless mesh node until SIGTERM/SIGINT."
+    )
+    add_node_arguments(p_node)
+    sub.add_parser("certs", help="lab CA and node certificates (see `macula-lab certs -h`)", add_help=False)
+    p_ping = sub.add_parser("ping", help="handshake with a node and PING it")
+    p_ping.add_argument("endpoint", help="quic://host:port of the node")
+    p_ping.add_argument("--realm", default=os.environ.get("MACULA_REALM", "com.example.realm"))
+    p_ping.add_argument(
+        "--ca", default=os.environ.get("MACULA_CA"), help="lab CA certificate (env MACULA_CA)"
+    )
+    p_ping.add_argument(
+        "--insecure", action="store_true", help="do not verify the node's certificate (loudly logged)"
+    )
+    p_ping.add_argument("--count", type=int, default=3)
+    p_ping.add_argument("--timeout", type=float, default=5.0)
+    p_demo = sub.add_parser("demo", help="start 3 local node processes and exercise them")
+    p_demo.add_argument("--nodes", type=int, default=3)
+    p_demo.add_argument("--keep", action="store_true", help="leave the work directory in place")
+
+    if argv and argv[0] == "certs":  # the certs tool has its own parser
+        from .certs import certs_cli
+
+        return certs_cli(argv[1:])
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "node":
+        return _run_node(args)
+    if args.command == "ping":
+        _logging("WARNING")
+        return asyncio.run(_ping(args))
+    if args.command == "demo":
+        _logging("WARNING")
+        from .demo import run_demo
+
+        return asyncio.run(run_demo(n=args.nodes, keep=args.keep))
+    return 2
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run_node(args: argparse.Namespace) -> int:
+    from .config import ConfigError, config_from_args
+    from .errors import MaculaError
+
+    try:
+        config = config_from_args(args).validate()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _logging(config.log_level)
+    logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic's per-packet chatter
+    try:
+        return asyncio.run(_serve(config))
+    except MaculaError as exc:
+        log.error("node failed: %s", exc)
+        return 1
+
+
+async def _serve(config) -> int:
+    from .node import Node
+
+    node = Node.from_config(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await node.start()
+    log.info("node %s ready: endpoint=%s health=%s", node.name, node.endpoint, node.health_port or "off")
+    for peer in config.bootstrap:
+        try:
+            rtt = await node.ping(peer)
+            log.info("bootstrap peer %s reachable (rtt %.1f ms)", peer, rtt * 1000)
+        except Exception as exc:  # keep serving: peers may come up later
+            log.warning("bootstrap peer %s not reachable yet: %s", peer, exc)
+    await stop.wait()
+    log.info("node %s: signal received, shutting down", node.name)
+    await node.stop()
+    return 0
+
+
+async def _ping(args: argparse.Namespace) -> int:
+    from .errors import MaculaError
+    from .node import Node
+    from .transport.quic import TlsConfig
+
+    if not args.ca and not args.insecure:
+        print("error: give --ca (the lab CA certificate) or --insecure", file=sys.stderr)
+        return 2
+    node = Node(
+        name="macula-ping", realm=args.realm, listen=None, tls=TlsConfig(ca=args.ca, verify=not args.insecure)
+    )
+    await node.start()
+    try:
+        for i in range(args.count):
+            rtt = await node.ping(args.endpoint, timeout=args.timeout)
+            peer = node.transport.session(args.endpoint)
+            who = f"{peer.name} ({peer.short_id})" if peer else "?"
+            print(f"PONG from {who} at {args.endpoint}: seq={i + 1} time={rtt * 1000:.2f} ms")
+    except MaculaError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await node.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""Endpoint strings: ``quic://host:port`` (also ``https://``) and ``mem://name``.
+
+Endpoints travel on the wire as strings (the reference put Erlang address tuples
+in routing replies and crashed serialising them).  The port is always explicit
+when formatting; when parsing a URL without a port, 9443 is assumed on every
+side (the reference defaulted to 443 on clients and 9443 on gateways).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+from ..errors import InvalidEndpoint
+
+DEFAULT_PORT = 9443
+QUIC_SCHEMES = ("quic", "https", "macula")
+
+
+class Endpoint(NamedTuple):
+    scheme: str  # "quic" or "mem"
+    host: str  # host name, IP literal (no brackets) or memory node name
+    port: int  # 0 for mem
+
+    def __str__(self) -> str:
+        if self.scheme == "mem":
+            return f"mem://{self.host}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"quic://{host}:{self.port}"
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """Parse an endpoint string; raises :class:`InvalidEndpoint` with the reason."""
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidEndpoint(f"empty endpoint {text!r}")
+    text = text.strip()
+    if "://" not in text:
+        text = "quic://" + text  # "host:port" shorthand
+    try:
+        parts = urlsplit(text)
+        scheme = parts.scheme.lower()
+        if scheme == "mem":
+            name = parts.netloc or parts.path.lstrip("/")
+            if not name:
+                raise InvalidEndpoint(f"memory endpoint without a name: {text!r}")
+            return Endpoint("mem", name, 0)
+        if scheme not in QUIC_SCHEMES:
+            raise InvalidEndpoint(f"unsupported scheme {scheme!r} in {text!r} (use quic://host:port)")
+        host = parts.hostname
+        port = parts.port
+    except ValueError as exc:  # bad port, bad IPv6 literal
+        raise InvalidEndpoint(f"cannot parse endpoint {text!r}: {exc}") from None
+    if not host:
+        raise InvalidEndpoint(f"endpoint without a host: {text!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise InvalidEndpoint(f"endpoint must be scheme://host:port, got {text!r}")
+    return Endpoint("quic", host, DEFAULT_PORT if port is None else port)
+
+
+def normalize_endpoint(text: str) -> str:
+    """The canonical string form (``quic://host:port``), used as a pool key."""
+    return str(parse_endpoint(text))

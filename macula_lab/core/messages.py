@@ -1,0 +1,162 @@
+"""Message types and their fields (the protocol's vocabulary, no I/O).
+
+Type codes keep the reference system's numbers where the concept is the same
+(CONNECT 0x01, PING 0x03, PONG 0x04, CALL 0x20, REPLY 0x21, FIND_NODE 0x40 ...)
+and add codes for what the reference lacked: an explicit CONNECT_ACK, a generic
+ERROR reply, replies to STORE and a REMOVE message.  Codes the reference only
+reserved (pub/sub 0x10-0x12, CAST 0x22, RPC_ROUTE 0x23, SWIM 0x30-0x32) are not
+defined here: we never emit a type that the decoder does not know.
+
+Every message carries ``id`` (16 random bytes).  A reply echoes the id of its
+request; replies are matched by id, never by arrival order.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import IntEnum
+from typing import Any, NamedTuple
+
+from ..errors import InvalidField, MissingField
+
+PROTOCOL_VERSION = 1
+ID_SIZE = 16
+NODE_ID_SIZE = 32
+
+
+class MessageType(IntEnum):
+    CONNECT = 0x01
+    DISCONNECT = 0x02
+    PING = 0x03
+    PONG = 0x04
+    CONNECT_ACK = 0x05  # new: the reference acknowledged with an incidental PONG
+    ERROR = 0x06  # new: the reference had no error frame (closed silently)
+    CALL = 0x20
+    REPLY = 0x21
+    FIND_NODE = 0x40
+    FIND_NODE_REPLY = 0x41
+    STORE = 0x42
+    FIND_VALUE = 0x43
+    FIND_VALUE_REPLY = 0x44
+    STORE_REPLY = 0x45  # new: the reference's STORE had no reply
+    REMOVE = 0x46  # new: the reference could not delete remotely
+    REMOVE_REPLY = 0x47
+
+
+#: request type -> the reply type that answers it (ERROR may answer any request)
+REPLY_TO: dict[MessageType, MessageType] = {
+    MessageType.CONNECT: MessageType.CONNECT_ACK,
+    MessageType.PING: MessageType.PONG,
+    MessageType.CALL: MessageType.REPLY,
+    MessageType.FIND_NODE: MessageType.FIND_NODE_REPLY,
+    MessageType.FIND_VALUE: MessageType.FIND_VALUE_REPLY,
+    MessageType.STORE: MessageType.STORE_REPLY,
+    MessageType.REMOVE: MessageType.REMOVE_REPLY,
+}
+REPLY_TYPES = frozenset(REPLY_TO.values()) | {MessageType.ERROR}
+
+
+class Frame(NamedTuple):
+    """One decoded message: its type and its body (a dict with str keys)."""
+
+    type: MessageType
+    body: dict[str, Any]
+
+    @property
+    def id(self) -> bytes:
+        return self.body["id"]
+
+
+class Field(NamedTuple):
+    types: tuple[type, ...] | None  # None: any msgpack value
+    required: bool = True
+    size: int | None = None  # exact length for bytes
+
+
+ANY = Field(None)
+REQ_ID = Field((bytes,), size=ID_SIZE)
+NODE_ID = Field((bytes,), size=NODE_ID_SIZE)
+STR = Field((str,))
+INT = Field((int,))
+LIST = Field((list, tuple))
+MAP = Field((dict,))
+BOOL = Field((bool,))
+
+
+def optional(f: Field) -> Field:
+    return f._replace(required=False)
+
+
+SCHEMAS: dict[MessageType, dict[str, Field]] = {
+    MessageType.CONNECT: {
+        "id": REQ_ID,
+        "version": INT,
+        "node_id": NODE_ID,
+        "realm": STR,
+        "capabilities": LIST,
+        "endpoint": optional(STR),  # where the sender listens ("" for pure clients)
+        "name": optional(STR),
+    },
+    MessageType.CONNECT_ACK: {
+        "id": REQ_ID,
+        "node_id": NODE_ID,
+        "realm": STR,
+        "capabilities": LIST,
+        "name": optional(STR),
+        "server_time": optional(Field((int, float))),
+    },
+    MessageType.DISCONNECT: {"id": REQ_ID, "reason": STR},
+    MessageType.ERROR: {
+        "id": REQ_ID,
+        "code": STR,
+        "message": STR,
+        "details": optional(MAP),
+    },
+    MessageType.PING: {"id": REQ_ID},
+    MessageType.PONG: {"id": REQ_ID},
+    MessageType.CALL: {"id": REQ_ID, "procedure": STR, "args": ANY},
+    MessageType.REPLY: {"id": REQ_ID, "result": ANY},
+    MessageType.FIND_NODE: {"id": REQ_ID, "target": NODE_ID},
+    MessageType.FIND_NODE_REPLY: {"id": REQ_ID, "nodes": LIST},
+    MessageType.FIND_VALUE: {"id": REQ_ID, "key": NODE_ID},
+    MessageType.FIND_VALUE_REPLY: {
+        "id": REQ_ID,
+        "nodes": LIST,
+        "value": optional(LIST),
+    },
+    MessageType.STORE: {"id": REQ_ID, "key": NODE_ID, "value": MAP},
+    MessageType.STORE_REPLY: {"id": REQ_ID, "stored": BOOL},
+    MessageType.REMOVE: {"id": REQ_ID, "key": NODE_ID, "provider": NODE_ID},
+    MessageType.REMOVE_REPLY: {"id": REQ_ID, "removed": BOOL},
+}
+
+
+def new_id() -> bytes:
+    """A fresh random request id (the reference used colliding counters)."""
+    return os.urandom(ID_SIZE)
+
+
+def validate(mtype: MessageType, body: Any) -> dict[str, Any]:
+    """Check ``body`` against the schema of ``mtype``; return it unchanged.
+
+    Raises :class:`MissingField` or :class:`InvalidField`.  Extra fields are
+    allowed so that newer peers can add information.
+    """
+    if not isinstance(body, dict):
+        raise InvalidField(f"{mtype.name} body must be a map, got {type(body).__name__}")
+    for name, spec in SCHEMAS[mtype].items():
+        if name not in body:
+            if spec.required:
+                raise MissingField(f"{mtype.name} lacks field {name!r}")
+            continue
+        value = body[name]
+        if spec.types is None:
+            continue
+        if not isinstance(value, spec.types) or (isinstance(value, bool) and bool not in spec.types):
+            raise InvalidField(
+                f"{mtype.name}.{name} must be {'/'.join(t.__name__ for t in spec.types)}, "
+                f"got {type(value).__name__}"
+            )
+        if spec.size is not None and len(value) != spec.size:
+            raise InvalidField(f"{mtype.name}.{name} must be {spec.size} bytes, got {len(value)}")
+    return body

@@ -1,0 +1,139 @@
+"""Named errors users can act on.
+
+Every error raised by macula_lab derives from :class:`MaculaError`, so a caller
+can catch the family, or one precise case.  Codec errors are values the node
+answers with (an ERROR frame), never crashes.
+"""
+
+from __future__ import annotations
+
+
+class MaculaError(Exception):
+    """Base class of every macula_lab error."""
+
+    #: short machine-readable code carried in ERROR frames
+    code = "error"
+
+
+# --------------------------------------------------------------------- codec
+class CodecError(MaculaError):
+    """Bytes that are not a valid frame.  Raised by :mod:`macula_lab.core.codec`."""
+
+    code = "bad_frame"
+
+
+class UnknownVersion(CodecError):
+    code = "unknown_version"
+
+
+class UnknownType(CodecError):
+    code = "unknown_type"
+
+
+class FrameTooLarge(CodecError):
+    code = "frame_too_large"
+
+
+class TruncatedFrame(CodecError):
+    """The stream ended in the middle of a frame."""
+
+    code = "truncated_frame"
+
+
+class MalformedPayload(CodecError):
+    """The payload is not one msgpack map."""
+
+    code = "malformed_payload"
+
+
+class MissingField(CodecError):
+    code = "missing_field"
+
+
+class InvalidField(CodecError):
+    """A field is present but has the wrong type or value."""
+
+    code = "invalid_field"
+
+
+# ----------------------------------------------------------------- transport
+class TransportError(MaculaError):
+    """Something went wrong between two nodes."""
+
+    code = "transport_error"
+
+
+class ConnectTimeout(TransportError):
+    """The peer did not complete the QUIC/TLS handshake in time."""
+
+    code = "connect_timeout"
+
+
+class ConnectFailed(TransportError):
+    """The peer could not be reached (bad address, refused, TLS failure...)."""
+
+    code = "connect_failed"
+
+
+class CertificateError(ConnectFailed):
+    """The peer's certificate did not verify against the lab CA."""
+
+    code = "certificate_error"
+
+
+class RequestTimeout(TransportError):
+    """No reply arrived within the request timeout."""
+
+    code = "request_timeout"
+
+
+class ConnectionClosed(TransportError):
+    """The connection closed while a request was waiting for its reply."""
+
+    code = "connection_closed"
+
+
+class InvalidEndpoint(MaculaError, ValueError):
+    """An endpoint string that cannot be parsed (expected quic://host:port)."""
+
+    code = "invalid_endpoint"
+
+
+# ---------------------------------------------------------- session / remote
+class RealmMismatch(MaculaError):
+    """The peer serves another realm: the session was refused."""
+
+    code = "realm_mismatch"
+
+    def __init__(self, message: str, *, ours: str | None = None, theirs: str | None = None):
+        super().__init__(message)
+        self.ours = ours
+        self.theirs = theirs
+
+
+class PeerError(MaculaError):
+    """The peer answered a request with an ERROR frame.
+
+    ``remote_code`` is the code the peer sent (for example ``unknown_request``
+    or one of the codec error codes when our frame was refused).
+    """
+
+    code = "peer_error"
+
+    def __init__(self, remote_code: str, message: str, details: dict | None = None):
+        super().__init__(f"{remote_code}: {message}")
+        self.remote_code = remote_code
+        self.remote_message = message
+        self.details = details or {}
+
+
+class HandlerError(MaculaError):
+    """A procedure's handler raised; the message names the exception type."""
+
+    code = "handler_error"
+
+
+class NotStarted(MaculaError, RuntimeError):
+    """The node (or transport) is not running."""
+
+    code = "not_started"

@@ -1,0 +1,390 @@
+"""The node runtime: one mesh node inside an already running asyncio loop.
+
+A :class:`Node` owns its transport (QUIC, or the in-memory network), its
+request handlers, its background tasks and, optionally, its HTTP health server.
+It starts inside any running loop (a Jupyter kernel, a test, the
+``macula-lab node`` process), binds port 0 unless told otherwise, and
+``start()``/``stop()`` are idempotent: after ``stop()`` no task of the node is
+left running.
+
+Higher layers (the DHT, services) plug in by registering handlers for message
+types with :meth:`Node.route` and procedures with :meth:`Node.procedure`, and by
+starting their background work with :meth:`Node.spawn` so the node owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from .core.codec import DEFAULT_MAX_FRAME_SIZE
+from .core.endpoint import parse_endpoint
+from .core.messages import NODE_ID_SIZE, Frame, MessageType, new_id
+from .core.session import Identity, PeerInfo
+from .errors import HandlerError, MaculaError, NotStarted
+from .transport.base import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Reply, RequestHandler, Transport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REALM = "com.example.realm"
+Procedure = Callable[[Any, PeerInfo], Awaitable[Any]]
+
+
+class NoSuchProcedure(MaculaError):
+    code = "no_such_procedure"
+
+
+class Node:
+    """A mesh node.  See the module docstring; typical use::
+
+    node = Node(name="node-1", realm="com.test.lab", certs="./certs")
+    await node.start()
+    rtt = await node.ping(other.endpoint)
+    await node.stop()
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        realm: str = DEFAULT_REALM,
+        node_id: bytes | str | None = None,
+        listen: str | None = "quic://127.0.0.1:0",
+        advertise: str | None = None,
+        tls: Any = None,
+        certs: str | os.PathLike | None = None,
+        network: Any = None,
+        bootstrap: list[str] | tuple[str, ...] = (),
+        health_listen: str | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        admin_token: str | None = None,
+        transport_options: dict[str, Any] | None = None,
+    ):
+        node_id = _coerce_node_id(node_id)
+        self.name = name or f"node-{node_id.hex()[:8]}"
+        self.identity = Identity(node_id=node_id, realm=realm, name=self.name)
+        self.bootstrap = list(bootstrap)
+        self.request_timeout = request_timeout
+        self.admin_token = admin_token
+        self._health_listen = health_listen
+        self._health: Any = None
+        self._handlers: dict[MessageType, RequestHandler] = {}
+        self._procedures: dict[str, Procedure] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._started = False
+        self._ready = False
+        self._start_lock: asyncio.Lock | None = None
+        self.started_at: float | None = None
+        self.transport = self._make_transport(
+            listen=listen,
+            advertise=advertise,
+            tls=tls,
+            certs=certs,
+            network=network,
+            request_timeout=request_timeout,
+            connect_timeout=connect_timeout,
+            max_frame_size=max_frame_size,
+            options=transport_options or {},
+        )
+        self.route(MessageType.PING, self._on_ping)
+        self.route(MessageType.CALL, self._on_call)
+        self.procedure("macula.echo", _echo)
+        self.procedure("macula.info", self._info_procedure)
+
+    # ------------------------------------------------------------ building
+    def _make_transport(
+        self,
+        *,
+        listen,
+        advertise,
+        tls,
+        certs,
+        network,
+        request_timeout,
+        connect_timeout,
+        max_frame_size,
+        options,
+    ) -> Transport:
+        if network is not None:
+            from .transport.memory import MemoryTransport
+
+            return MemoryTransport(network, self.identity, **options)
+        from .transport.quic import QuicTransport, TlsConfig
+
+        if tls is None and certs is not None:
+            tls = _issue_node_tls(Path(certs), self.name, listen, advertise)
+        return QuicTransport(
+            self.identity,
+            listen=listen,
+            advertise=advertise,
+            tls=tls or TlsConfig(),
+            max_frame_size=max_frame_size,
+            request_timeout=request_timeout,
+            connect_timeout=connect_timeout,
+            **options,
+        )
+
+    @classmethod
+    def from_config(cls, config: Any) -> Node:
+        """Build a node from a :class:`macula_lab.config.NodeConfig`."""
+        from .transport.quic import TlsConfig
+
+        tls = TlsConfig(cert=config.cert, key=config.key, ca=config.ca, verify=not config.insecure)
+        return cls(
+            name=config.name,
+            realm=config.realm,
+            node_id=config.node_id,
+            listen=config.listen,
+            advertise=config.advertise,  # None: derived from the bound address
+            tls=tls,
+            bootstrap=config.bootstrap,
+            health_listen=config.health_listen or None,
+            request_timeout=config.request_timeout,
+            connect_timeout=config.connect_timeout,
+            max_frame_size=config.max_frame_size,
+            admin_token=config.admin_token,
+        )
+
+    # ----------------------------------------------------------- lifecycle
+    @property
+    def node_id(self) -> bytes:
+        return self.identity.node_id
+
+    @property
+    def realm(self) -> str:
+        return self.identity.realm
+
+    @property
+    def endpoint(self) -> str:
+        return self.transport.endpoint
+
+    @property
+    def running(self) -> bool:
+        return self._started
+
+    @property
+    def ready(self) -> bool:
+        return self._started and self._ready
+
+    def peer_info(self) -> PeerInfo:
+        return self.identity.peer_info()
+
+    async def start(self) -> Node:
+        """Start listening (and the health server).  Idempotent; returns self."""
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._started:
+                return self
+            await self.transport.start(self._dispatch)
+            try:
+                if self._health_listen:
+                    await self._start_health()
+            except BaseException:
+                await self.transport.close()
+                raise
+            self._started = True
+            self.started_at = time.monotonic()
+            self._ready = True
+            log.info(
+                "node %s started: realm=%s endpoint=%s id=%s",
+                self.name,
+                self.realm,
+                self.endpoint,
+                self.node_id.hex()[:16],
+            )
+        return self
+
+    async def stop(self) -> None:
+        """Stop: cancel every task the node owns, close connections.  Idempotent."""
+        if self._start_lock is None:
+            return
+        async with self._start_lock:
+            if not self._started:
+                return
+            self._ready = False
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.transport.close()
+            if self._health is not None:
+                await self._health.stop()
+                self._health = None
+            self._started = False
+            log.info("node %s stopped", self.name)
+
+    async def __aenter__(self) -> Node:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str | None = None) -> asyncio.Task:
+        """Run ``coro`` as a task owned by this node: cancelled on stop, failures logged."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "node %s: background task %s failed", self.name, task.get_name(), exc_info=task.exception()
+            )
+
+    @property
+    def tasks(self) -> set[asyncio.Task]:
+        return set(self._tasks)
+
+    # ------------------------------------------------------------ requests
+    def route(self, mtype: MessageType, handler: RequestHandler) -> None:
+        """Serve requests of ``mtype`` with ``handler`` (replaces any previous one)."""
+        self._handlers[mtype] = handler
+
+    def procedure(self, name: str, fn: Procedure) -> None:
+        """Answer CALLs of ``name``: ``await fn(args, peer)`` gives the result."""
+        self._procedures[name] = fn
+
+    async def _dispatch(self, frame: Frame, peer: PeerInfo) -> Reply:
+        handler = self._handlers.get(frame.type)
+        if handler is None:
+            raise UnknownRequest(f"this node does not serve {frame.type.name} requests")
+        return await handler(frame, peer)
+
+    async def request(
+        self, endpoint: str, mtype: MessageType, body: dict[str, Any], *, timeout: float | None = None
+    ) -> Frame:
+        if not self._started:
+            raise NotStarted(f"node {self.name} is not started")
+        return await self.transport.request(endpoint, mtype, body, timeout=timeout)
+
+    async def ping(self, endpoint: str, *, timeout: float | None = None) -> float:
+        """Round-trip time of an app-level PING to ``endpoint`` (seconds)."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await self.request(endpoint, MessageType.PING, {"id": new_id()}, timeout=timeout)
+        return loop.time() - t0
+
+    async def call_procedure(
+        self, endpoint: str, procedure: str, args: Any = None, *, timeout: float | None = None
+    ) -> Any:
+        """Call a procedure on the node at ``endpoint`` directly (no discovery)."""
+        reply = await self.request(
+            endpoint, MessageType.CALL, {"procedure": procedure, "args": args}, timeout=timeout
+        )
+        return reply.body["result"]
+
+    async def _on_ping(self, frame: Frame, peer: PeerInfo) -> Reply:
+        return MessageType.PONG, {}
+
+    async def _on_call(self, frame: Frame, peer: PeerInfo) -> Reply:
+        name = frame.body["procedure"]
+        fn = self._procedures.get(name)
+        if fn is None:
+            raise NoSuchProcedure(f"no procedure {name!r} on node {self.name}")
+        try:
+            result = await fn(frame.body["args"], peer)
+        except MaculaError:
+            raise
+        except Exception as exc:  # the handler's failure, reported by name to the caller
+            raise HandlerError(f"{type(exc).__name__}: {exc}") from exc
+        return MessageType.REPLY, {"result": result}
+
+    async def _info_procedure(self, args: Any, peer: PeerInfo) -> dict[str, Any]:
+        return self.status()
+
+    # ------------------------------------------------------------- status
+    def status(self) -> dict[str, Any]:
+        uptime = time.monotonic() - self.started_at if self.started_at else 0.0
+        return {
+            "name": self.name,
+            "realm": self.realm,
+            "node_id": self.node_id.hex(),
+            "endpoint": self.endpoint,
+            "running": self._started,
+            "uptime_s": round(uptime, 3),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.status(),
+            "tasks": len(self._tasks),
+            "transport": self.transport.stats(),
+            "max_rss_bytes": _max_rss_bytes(),
+        }
+
+    async def _start_health(self) -> None:
+        from .config import parse_host_port
+        from .health import HealthServer
+        from .metrics import node_registry
+
+        host, port = parse_host_port(self._health_listen)
+        self._health = HealthServer(
+            host,
+            port,
+            status=self.status,
+            ready=lambda: self._ready,
+            registry=node_registry(self),
+        )
+        await self._health.start()
+
+    @property
+    def health_port(self) -> int | None:
+        return self._health.port if self._health is not None else None
+
+    def __repr__(self) -> str:
+        state = "running" if self._started else "stopped"
+        return f"<Node {self.name} {state} realm={self.realm} endpoint={self.endpoint or '-'}>"
+
+
+class UnknownRequest(MaculaError):
+    code = "unknown_request"
+
+
+async def _echo(args: Any, peer: PeerInfo) -> Any:
+    return args
+
+
+def _coerce_node_id(node_id: bytes | str | None) -> bytes:
+    if node_id is None:
+        return os.urandom(NODE_ID_SIZE)
+    if isinstance(node_id, str):
+        try:
+            node_id = bytes.fromhex(node_id)
+        except ValueError:
+            raise ValueError(f"node_id must be {NODE_ID_SIZE * 2} hex characters") from None
+    if len(node_id) != NODE_ID_SIZE:
+        raise ValueError(f"node_id must be {NODE_ID_SIZE} bytes, got {len(node_id)}")
+    return bytes(node_id)
+
+
+def _issue_node_tls(directory: Path, name: str, listen: str | None, advertise: str | None) -> Any:
+    """Make sure a lab CA exists in ``directory`` and issue this node's certificate."""
+    from .certs import ensure_ca, issue_node_cert
+    from .transport.quic import TlsConfig
+
+    dns: list[str] = []
+    ips: list[str] = []
+    for text in (listen, advertise):
+        if not text:
+            continue
+        ep = parse_endpoint(text)
+        if ep.host in ("0.0.0.0", "::"):
+            continue
+        (ips if ep.is_ip else dns).append(ep.host)
+    ensure_ca(directory)
+    return TlsConfig.from_node_cert(issue_node_cert(directory, name, dns=dns, ips=ips))
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,1 @@
+"""Transports: QUIC (aioquic) and an in-memory simulated network."""

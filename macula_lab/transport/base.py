@@ -1,0 +1,93 @@
+"""The small transport interface every node runs on.
+
+Two implementations: :mod:`.quic` (aioquic, TLS 1.3, ALPN ``macula``) and
+:mod:`.memory` (a simulated network for tests and scale studies).  A transport
+listens for requests and hands each to the node's handler, and sends requests to
+other nodes' endpoints, returning the reply frame.  Sessions (CONNECT /
+CONNECT_ACK, see :mod:`macula_lab.core.session`) are set up by the transport the
+first time it talks to an endpoint; handlers see the caller's :class:`PeerInfo`.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..core.messages import Frame, MessageType
+from ..core.session import Identity, PeerInfo
+from ..errors import MaculaError, PeerError
+
+log = logging.getLogger(__name__)
+
+#: A handler answers one request: (reply type, reply body).  The transport sets
+#: the reply's ``id`` to the request's.  Raising a MaculaError answers with an
+#: ERROR frame carrying its ``code``; any other exception answers
+#: ``internal_error`` and is logged.
+Reply = tuple[MessageType, dict[str, Any]]
+RequestHandler = Callable[[Frame, PeerInfo], Awaitable[Reply]]
+
+DEFAULT_REQUEST_TIMEOUT = 5.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+
+class Transport(ABC):
+    """Send requests to endpoints and serve requests from peers."""
+
+    identity: Identity
+
+    @property
+    @abstractmethod
+    def endpoint(self) -> str:
+        """Where this transport listens (valid after :meth:`start`)."""
+
+    @abstractmethod
+    async def start(self, handler: RequestHandler) -> str:
+        """Start listening; returns the endpoint string."""
+
+    @abstractmethod
+    async def request(
+        self, endpoint: str, mtype: MessageType, body: dict[str, Any], *, timeout: float | None = None
+    ) -> Frame:
+        """Send one request and return its reply.
+
+        Raises :class:`~macula_lab.errors.PeerError` when the peer answers
+        with an ERROR frame, :class:`~macula_lab.errors.RealmMismatch` when it
+        refuses the session, and a :class:`~macula_lab.errors.TransportError`
+        (timeout, unreachable, certificate, closed) otherwise.
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop listening, close every connection, cancel every task."""
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+async def run_handler(handler: RequestHandler, frame: Frame, peer: PeerInfo) -> Reply:
+    """Run a request handler and turn failures into ERROR replies."""
+    try:
+        mtype, body = await handler(frame, peer)
+    except MaculaError as exc:
+        mtype, body = error_reply(exc.code, str(exc))
+    except Exception as exc:  # a handler bug must not take the node down
+        log.exception("handler for %s from %s failed", frame.type.name, peer.short_id)
+        mtype, body = error_reply("internal_error", f"{type(exc).__name__}: {exc}")
+    body["id"] = frame.body["id"]
+    return mtype, body
+
+
+def error_reply(code: str, message: str, details: dict | None = None) -> Reply:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return MessageType.ERROR, body
+
+
+def raise_for_error(frame: Frame) -> Frame:
+    """Turn an ERROR reply into :class:`PeerError`; pass other replies through."""
+    if frame.type is MessageType.ERROR:
+        raise PeerError(frame.body["code"], frame.body["message"], frame.body.get("details"))
+    return frame

@@ -1,0 +1,597 @@
+"""QUIC transport: aioquic, TLS 1.3, ALPN ``macula``, certificates verified by default.
+
+One :class:`QuicTransport` per node.  It listens on a UDP port (port 0 by
+default in labs and tests) and keeps a bounded pool of outgoing connections
+(:mod:`.pool`) keyed by peer endpoint.  Every connection starts with the session
+handshake (CONNECT -> CONNECT_ACK | ERROR realm_mismatch) on its first stream.
+
+Framing on streams: 8-byte header + msgpack map (:mod:`macula_lab.core.codec`),
+reassembled by a per-stream :class:`FrameDecoder`, so a frame may be split
+across QUIC chunks and a chunk may carry several frames (the reference's gateway
+decoded one frame per chunk).  Replies are matched by request id.
+
+Stream use (measured with ``bench/transport.py``; see the note in ``STREAM_MODE``
+below): requests are *multiplexed on one long-lived bidirectional stream per
+connection* by default.  The alternative, a fresh stream per request, is kept as
+``stream_mode="per-request"`` for comparison and for workloads where one large
+reply must not delay small ones (head-of-line blocking inside one stream).
+
+Both ends of a connection can send requests: the node that accepted the
+connection may open streams towards the connecting peer (this is how a node will
+relay calls to an attached client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer, serve
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicErrorCode
+
+from ..core.codec import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode
+from ..core.endpoint import Endpoint, parse_endpoint
+from ..core.messages import REPLY_TYPES, Frame, MessageType, new_id
+from ..core.session import Identity, PeerInfo, accept_connect, connect_body, peer_from_ack
+from ..errors import (
+    CertificateError,
+    CodecError,
+    ConnectFailed,
+    ConnectionClosed,
+    ConnectTimeout,
+    MaculaError,
+    NotStarted,
+    RealmMismatch,
+    RequestTimeout,
+)
+from .base import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_REQUEST_TIMEOUT,
+    RequestHandler,
+    Transport,
+    error_reply,
+    raise_for_error,
+    run_handler,
+)
+from .pool import ConnectionPool
+
+log = logging.getLogger(__name__)
+
+ALPN = "macula"
+#: Default stream use.  Measured on loopback (bench/transport.py, 2-core VM):
+#: multiplexing on one stream avoids per-stream state, FIN handling and
+#: MAX_STREAMS updates, and lets many small frames share one packet.
+STREAM_MODE = "multiplex"
+STREAM_MODES = ("multiplex", "per-request")
+
+#: At most this many requests from one connection are handled at once; more get
+#: an ERROR ``busy`` (a peer cannot make us spawn unbounded tasks).
+MAX_INFLIGHT_PER_CONNECTION = 1024
+_ZERO_ID = bytes(16)
+# QUIC application error codes (stream resets / connection close)
+APP_ERR_BAD_FRAME = 0x1
+APP_ERR_REALM = 0x2
+_CRYPTO_ERROR_BASE = QuicErrorCode.CRYPTO_ERROR  # 0x100 + TLS alert
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Certificate files of a node.  ``verify=False`` disables peer verification (loudly)."""
+
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    verify: bool = True
+
+    @classmethod
+    def from_node_cert(cls, nc: Any, *, verify: bool = True) -> TlsConfig:
+        return cls(cert=str(nc.cert), key=str(nc.key), ca=str(nc.ca), verify=verify)
+
+
+class _Stream:
+    __slots__ = ("decoder", "peer_ended", "inflight", "dead")
+
+    def __init__(self, max_frame_size: int):
+        self.decoder = FrameDecoder(max_frame_size=max_frame_size)
+        self.peer_ended = False
+        self.inflight = 0
+        self.dead = False
+
+
+class MaculaProtocol(QuicConnectionProtocol):
+    """One QUIC connection, either side.  Decodes frames, serves requests, matches replies."""
+
+    def __init__(self, quic: QuicConnection, stream_handler=None, *, owner: QuicTransport, outgoing: bool):
+        super().__init__(quic, stream_handler)
+        self.owner = owner
+        self.outgoing = outgoing
+        self.peer: PeerInfo | None = None  # set once the session handshake succeeded
+        self.refused: MaculaError | None = None
+        self.endpoint = ""  # outgoing: the endpoint we dialled
+        self.last_used = self._loop.time()
+        self.main_stream: int | None = None
+        self._streams: dict[int, _Stream] = {}
+        self._pending: dict[bytes, tuple[asyncio.Future[Frame], int]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.terminated: events.ConnectionTerminated | None = None
+
+    # ------------------------------------------------------------ requests
+    @property
+    def is_closed(self) -> bool:
+        return self.terminated is not None or self._closed.is_set()
+
+    async def request(self, mtype: MessageType, body: dict[str, Any], timeout: float) -> Frame:
+        """Send one request on this connection and wait for its reply."""
+        if self.is_closed:
+            raise ConnectionClosed(f"connection to {self.endpoint or 'peer'} is closed")
+        rid = body.get("id")
+        if rid is None:
+            rid = body["id"] = new_id()
+        data = encode(mtype, body, max_frame_size=self.owner.max_frame_size)
+        per_request = self.owner.stream_mode == "per-request" or self.main_stream is None
+        if per_request:
+            stream_id = self._quic.get_next_available_stream_id()
+        else:
+            stream_id = self.main_stream
+        fut: asyncio.Future[Frame] = self._loop.create_future()
+        self._pending[rid] = (fut, stream_id)
+        self.last_used = self._loop.time()
+        try:
+            self._quic.send_stream_data(stream_id, data, end_stream=per_request)
+            self._transmit_soon()
+            async with asyncio.timeout(timeout):
+                reply = await fut
+        except TimeoutError:
+            raise RequestTimeout(
+                f"{mtype.name} to {self.endpoint or self._peer_label()} got no reply within {timeout:g}s"
+            ) from None
+        finally:
+            self._pending.pop(rid, None)
+        return reply
+
+    async def handshake(self, identity: Identity, timeout: float) -> PeerInfo:
+        """Client side of the session: CONNECT on the stream that becomes the main stream."""
+        self.main_stream = self._quic.get_next_available_stream_id()
+        body = connect_body(identity)
+        rid = body["id"]
+        fut: asyncio.Future[Frame] = self._loop.create_future()
+        self._pending[rid] = (fut, self.main_stream)
+        end = self.owner.stream_mode == "per-request"
+        self._quic.send_stream_data(self.main_stream, encode(MessageType.CONNECT, body), end_stream=end)
+        self.transmit()
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await fut
+        except TimeoutError:
+            raise ConnectTimeout(f"{self.endpoint}: no answer to CONNECT within {timeout:g}s") from None
+        finally:
+            self._pending.pop(rid, None)
+        if end:
+            self.main_stream = None
+        self.peer = peer_from_ack(identity, reply, self.endpoint)
+        return self.peer
+
+    def _peer_label(self) -> str:
+        return self.peer.name or self.peer.short_id if self.peer else "peer"
+
+    # -------------------------------------------------------------- events
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.StreamDataReceived):
+            self._on_data(event.stream_id, event.data, event.end_stream)
+        elif isinstance(event, events.StreamReset):
+            self._on_reset(event.stream_id)
+        elif isinstance(event, events.ConnectionTerminated):
+            self._on_terminated(event)
+
+    def _on_data(self, stream_id: int, data: bytes, end: bool) -> None:
+        st = self._streams.get(stream_id)
+        if st is None:
+            st = self._streams[stream_id] = _Stream(self.owner.max_frame_size)
+        if st.dead:
+            return
+        self.last_used = self._loop.time()
+        for item in st.decoder.feed(data) if data else ():
+            if item is st.decoder.failed:  # framing lost: answer once, stop reading
+                self._refuse_stream(stream_id, st, item, None)
+                return
+            self._on_item(stream_id, st, item)
+        if end:
+            try:
+                st.decoder.finish()
+            except CodecError as exc:
+                self._refuse_stream(stream_id, st, exc, None)
+                return
+            st.peer_ended = True
+            if st.inflight == 0 and self._peer_initiated(stream_id):
+                # every reply to this stream has been written: close our side too
+                self._send_fin(stream_id)
+        self._maybe_forget(stream_id, st)
+
+    def _peer_initiated(self, stream_id: int) -> bool:
+        # QUIC stream ids: bit 0 is 0 for client-initiated, 1 for server-initiated streams
+        return (stream_id & 1) == (1 if self.outgoing else 0)
+
+    def _send_fin(self, stream_id: int) -> None:
+        try:
+            self._quic.send_stream_data(stream_id, b"", end_stream=True)
+        except Exception as exc:  # already finished or reset by the peer
+            log.debug("cannot finish stream %d: %s", stream_id, exc)
+        self._transmit_soon()
+
+    def _on_item(self, stream_id: int, st: _Stream, item: Frame | CodecError) -> None:
+        if isinstance(item, CodecError):
+            self.owner.counters["bad_frames"] += 1
+            log.warning("bad frame from %s: %s", self._peer_label(), item)
+            self._send(
+                stream_id, st, *error_reply(item.code, str(item)), rid=getattr(item, "request_id", None)
+            )
+            return
+        if item.type in REPLY_TYPES:
+            waiter = self._pending.get(item.body["id"])
+            if waiter is not None and not waiter[0].done():
+                waiter[0].set_result(item)
+            return  # a late or unknown reply is dropped (its requester gave up)
+        self._on_request(stream_id, st, item)
+
+    def _on_request(self, stream_id: int, st: _Stream, frame: Frame) -> None:
+        rid = frame.body["id"]
+        if frame.type is MessageType.CONNECT:
+            if self.outgoing:
+                self._send(
+                    stream_id, st, *error_reply("unexpected", "CONNECT on an outgoing connection"), rid=rid
+                )
+                return
+            try:
+                peer, mtype, body = accept_connect(self.owner.identity, frame)
+            except CodecError as exc:
+                self._send(stream_id, st, *error_reply(exc.code, str(exc)), rid=rid)
+                return
+            if mtype is MessageType.CONNECT_ACK:
+                self.peer = peer
+                self.refused = None
+                log.debug("session from %s (%s) at %s", peer.name, peer.short_id, peer.endpoint or "-")
+            else:
+                self.refused = RealmMismatch(
+                    body["message"], ours=self.owner.identity.realm, theirs=peer.realm
+                )
+                self.owner.counters["refused_sessions"] += 1
+                log.warning("refused session from %s: %s", peer.name or peer.short_id, body["message"])
+            self._send(stream_id, st, mtype, body, rid=rid)
+            return
+        if self.peer is None:
+            code, msg = (
+                ("realm_mismatch", str(self.refused))
+                if self.refused
+                else ("not_connected", "send CONNECT first")
+            )
+            self._send(stream_id, st, *error_reply(code, msg), rid=rid)
+            return
+        if len(self._tasks) >= MAX_INFLIGHT_PER_CONNECTION:
+            self._send(stream_id, st, *error_reply("busy", "too many requests in flight"), rid=rid)
+            return
+        st.inflight += 1
+        self.owner.counters["requests_served"] += 1
+        task = self._loop.create_task(self._serve(stream_id, st, frame))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, stream_id: int, st: _Stream, frame: Frame) -> None:
+        mtype, body = await run_handler(self.owner.handler, frame, self.peer)
+        st.inflight -= 1
+        if not self.is_closed:
+            self._send(stream_id, st, mtype, body, rid=frame.body["id"])
+            self._transmit_soon()
+        self._maybe_forget(stream_id, st)
+
+    def _send(
+        self, stream_id: int, st: _Stream, mtype: MessageType, body: dict, *, rid: bytes | None
+    ) -> None:
+        body["id"] = rid if rid is not None else _ZERO_ID
+        try:
+            data = encode(mtype, body, max_frame_size=self.owner.max_frame_size)
+        except CodecError as exc:  # e.g. a handler returned something unserialisable
+            log.error("cannot encode %s reply: %s", mtype.name, exc)
+            data = encode(MessageType.ERROR, {"id": body["id"], "code": exc.code, "message": str(exc)})
+        # finish the stream with the last reply once the peer has finished it
+        end = st.peer_ended and st.inflight == 0 and self._peer_initiated(stream_id)
+        try:
+            self._quic.send_stream_data(stream_id, data, end_stream=end)
+        except Exception as exc:  # stream already reset / finished by the peer
+            log.debug("cannot send on stream %d: %s", stream_id, exc)
+
+    def _refuse_stream(self, stream_id: int, st: _Stream, exc: CodecError, rid: bytes | None) -> None:
+        self.owner.counters["bad_frames"] += 1
+        log.warning("abandoning stream %d from %s: %s", stream_id, self._peer_label(), exc)
+        st.dead = True
+        st.peer_ended = True
+        self._send(stream_id, st, *error_reply(exc.code, str(exc)), rid=rid)
+        try:
+            self._quic.stop_stream(stream_id, APP_ERR_BAD_FRAME)
+        except ValueError:
+            pass
+        self._transmit_soon()
+
+    def _maybe_forget(self, stream_id: int, st: _Stream) -> None:
+        if st.peer_ended and st.inflight == 0:
+            self._streams.pop(stream_id, None)
+
+    def _on_reset(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+        for _rid, (fut, sid) in list(self._pending.items()):
+            if sid == stream_id and not fut.done():
+                fut.set_exception(ConnectionClosed(f"peer reset stream {stream_id}"))
+
+    def _on_terminated(self, event: events.ConnectionTerminated) -> None:
+        self.terminated = event
+        exc = self.owner.termination_error(self, event)
+        for fut, _sid in self._pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._pending.clear()
+        for task in self._tasks:
+            task.cancel()
+        self.owner.forget(self)
+
+    def abort(self, reason: str = "closing") -> None:
+        """Close the connection and cancel its request handlers."""
+        for task in self._tasks:
+            task.cancel()
+        if not self.is_closed:
+            self.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase=reason)
+
+
+class QuicTransport(Transport):
+    """The node's QUIC endpoint: a listener plus a pool of outgoing connections."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        listen: str | None = "quic://127.0.0.1:0",
+        advertise: str | None = None,
+        tls: TlsConfig | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        stream_mode: str = STREAM_MODE,
+        pool_size: int = 256,
+        idle_timeout: float = 120.0,
+        keepalive_interval: float = 20.0,
+    ):
+        if stream_mode not in STREAM_MODES:
+            raise ValueError(f"stream_mode must be one of {STREAM_MODES}, got {stream_mode!r}")
+        self.identity = identity
+        self.tls = tls or TlsConfig()
+        self.max_frame_size = max_frame_size
+        self.request_timeout = request_timeout
+        self.connect_timeout = connect_timeout
+        self.stream_mode = stream_mode
+        self._listen = parse_endpoint(listen) if listen else None
+        self._advertise = advertise
+        self._server: QuicServer | None = None
+        self._incoming: set[MaculaProtocol] = set()
+        self.handler: RequestHandler | None = None
+        self.counters = {
+            "requests_sent": 0,
+            "requests_served": 0,
+            "bad_frames": 0,
+            "handshakes": 0,
+            "refused_sessions": 0,
+        }
+        self.pool = ConnectionPool(
+            self._connect,
+            max_size=pool_size,
+            idle_timeout=idle_timeout,
+            keepalive_interval=keepalive_interval,
+            ping=self._ping,
+            close=self._close_conn,
+        )
+        self._started = False
+        self._closing = False
+        if not self.tls.verify:
+            log.warning(
+                "CERTIFICATE VERIFICATION IS OFF for node %s: peers are not authenticated "
+                "(explicit insecure mode; never use outside a throw-away lab)",
+                identity.name or identity.node_id.hex()[:12],
+            )
+
+    # ----------------------------------------------------------- lifecycle
+    @property
+    def endpoint(self) -> str:
+        return self.identity.endpoint
+
+    async def start(self, handler: RequestHandler) -> str:
+        if self._started:
+            return self.endpoint
+        self.handler = handler
+        if self._listen is not None:
+            if not (self.tls.cert and self.tls.key):
+                raise ConnectFailed("a listening node needs a certificate and key (see `macula-lab certs`)")
+            config = self._config(is_client=False)
+            self._server = await serve(
+                self._listen.host,
+                self._listen.port,
+                configuration=config,
+                create_protocol=lambda quic, stream_handler=None: self._incoming_protocol(quic),
+            )
+            sock = self._server._transport.get_extra_info("socket")
+            port = sock.getsockname()[1]
+            self.identity.endpoint = self._advertise or str(Endpoint("quic", self._public_host(), port))
+        self.pool.start()
+        self._started = True
+        self._closing = False
+        return self.endpoint
+
+    def _public_host(self) -> str:
+        host = self._listen.host
+        if host in ("0.0.0.0", "::", ""):
+            # a wildcard bind: peers elsewhere reach us by host name (give `advertise` to override);
+            # a loopback address in the DHT would make every other node dial itself
+            return socket.gethostname()
+        return host
+
+    async def close(self) -> None:
+        if not self._started:
+            return
+        self._closing = True
+        await self.pool.close_all()
+        for proto in list(self._incoming):
+            proto.abort("node stopping")
+        if self._server is not None:
+            # give CONNECTION_CLOSE frames a moment to leave before the socket goes
+            await asyncio.sleep(0)
+            self._server.close()
+            self._server = None
+        self._incoming.clear()
+        self._started = False
+
+    # ------------------------------------------------------------- requests
+    async def request(
+        self, endpoint: str, mtype: MessageType, body: dict[str, Any], *, timeout: float | None = None
+    ) -> Frame:
+        if not self._started:
+            raise NotStarted("transport is not started")
+        timeout = self.request_timeout if timeout is None else timeout
+        conn = await self.pool.get(endpoint)
+        self.counters["requests_sent"] += 1
+        try:
+            reply = await conn.request(mtype, body, timeout)
+        except ConnectionClosed:
+            self.pool.discard(endpoint, conn)
+            raise
+        return raise_for_error(reply)
+
+    def session(self, endpoint: str) -> PeerInfo | None:
+        """The peer behind a pooled connection, if one is open."""
+        conn = self.pool.peek(endpoint)
+        return conn.peer if conn is not None else None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.counters,
+            "pool": self.pool.stats(),
+            "incoming_connections": len(self._incoming),
+        }
+
+    # ------------------------------------------------------------- plumbing
+    def _config(self, *, is_client: bool) -> QuicConfiguration:
+        config = QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[ALPN],
+            idle_timeout=max(60.0, self.pool.idle_timeout + 30.0),
+            max_data=16 * 1024 * 1024,
+            max_stream_data=max(4 * 1024 * 1024, 2 * self.max_frame_size),
+        )
+        if self.tls.cert and self.tls.key:
+            config.load_cert_chain(self.tls.cert, self.tls.key)
+        if is_client:
+            if self.tls.verify:
+                if not self.tls.ca:
+                    raise ConnectFailed(
+                        "certificate verification needs the lab CA (ca=...); or pass insecure explicitly"
+                    )
+                config.load_verify_locations(cafile=self.tls.ca)
+            else:
+                config.verify_mode = ssl.CERT_NONE  # explicit insecure mode, warned about at construction
+        return config
+
+    def _incoming_protocol(self, quic: QuicConnection) -> MaculaProtocol:
+        proto = MaculaProtocol(quic, owner=self, outgoing=False)
+        self._incoming.add(proto)
+        return proto
+
+    async def _connect(self, endpoint: str) -> MaculaProtocol:
+        """Open a QUIC connection and run the session handshake (both bounded in time)."""
+        ep = parse_endpoint(endpoint)
+        if ep.scheme != "quic":
+            raise ConnectFailed(f"QUIC transport cannot reach {endpoint}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                infos = await loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_DGRAM)
+        except TimeoutError:
+            raise ConnectTimeout(f"resolving {ep.host} took longer than {self.connect_timeout:g}s") from None
+        except OSError as exc:
+            raise ConnectFailed(f"cannot resolve {ep.host}: {exc}") from None
+        addr = infos[0][4]
+        if len(addr) == 2:
+            addr = ("::ffff:" + addr[0], addr[1], 0, 0)
+        config = self._config(is_client=True)
+        config.server_name = ep.host
+        quic = QuicConnection(configuration=config)
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", 0, 0, 0))
+            _, proto = await loop.create_datagram_endpoint(
+                lambda: MaculaProtocol(quic, owner=self, outgoing=True), sock=sock
+            )
+        except OSError as exc:
+            sock.close()
+            raise ConnectFailed(f"cannot open a UDP socket for {endpoint}: {exc}") from None
+        proto.endpoint = str(ep)
+        try:
+            proto.connect(addr, transmit=True)
+            try:
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    await proto.wait_connected()
+            except TimeoutError:
+                raise ConnectTimeout(
+                    f"no QUIC handshake with {endpoint} within {self.connect_timeout:g}s "
+                    "(is a node listening there? is UDP reachable?)"
+                ) from None
+            except ConnectionError:
+                raise self.termination_error(proto, proto.terminated) from None
+            self.counters["handshakes"] += 1
+            await proto.handshake(self.identity, max(0.1, deadline - loop.time()))
+        except BaseException:
+            proto.abort("handshake failed")
+            proto._transport.close()
+            raise
+        log.debug("connected to %s (%s)", endpoint, proto.peer.name if proto.peer else "?")
+        return proto
+
+    def termination_error(
+        self, proto: MaculaProtocol, event: events.ConnectionTerminated | None
+    ) -> MaculaError:
+        where = proto.endpoint or "peer"
+        if event is None:
+            return ConnectionClosed(f"connection to {where} closed")
+        code, reason = event.error_code, event.reason_phrase
+        if _CRYPTO_ERROR_BASE <= code < _CRYPTO_ERROR_BASE + 0x100:
+            return CertificateError(f"TLS handshake with {where} failed: {reason or hex(code)}")
+        if code == APP_ERR_REALM:
+            return RealmMismatch(f"{where} closed the session: {reason}")
+        return ConnectionClosed(f"connection to {where} closed ({reason or hex(code)})")
+
+    def forget(self, proto: MaculaProtocol) -> None:
+        """A connection terminated: drop it from wherever we keep it."""
+        if proto.outgoing:
+            self.pool.discard(proto.endpoint, proto)
+            if proto._transport is not None:
+                proto._transport.close()
+        else:
+            self._incoming.discard(proto)
+
+    async def _ping(self, proto: MaculaProtocol) -> None:
+        await proto.request(MessageType.PING, {"id": new_id()}, timeout=self.request_timeout)
+
+    async def _close_conn(self, proto: MaculaProtocol) -> None:
+        proto.abort("idle")
+        if proto._transport is not None:
+            await asyncio.sleep(0)  # let the CONNECTION_CLOSE datagram go out
+            proto._transport.close()
+
+
+def quic_transport_factory(**kwargs: Any) -> Callable[[Identity], QuicTransport]:
+    return lambda identity: QuicTransport(identity, **kwargs)
