@@ -146,7 +146,7 @@ class Node:
             advertise=config.advertise,  # None: derived from the bound address
             tls=tls,
             bootstrap=config.bootstrap,
-            health_listen=config.health_listen or None,
+            health_listen=config.health_listen if config.health_address else None,
             request_timeout=config.request_timeout,
             connect_timeout=config.connect_timeout,
             max_frame_size=config.max_frame_size,

@@ -1,0 +1,138 @@
+"""The `macula-lab` command: node processes, env configuration, ping, certs, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from macula_lab.node import Node
+from macula_lab.procs import NodeProcessError, start_node_process
+from macula_lab.transport.quic import TlsConfig
+
+REALM = "com.test.cli"
+
+
+def _cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "macula_lab", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _node_args(certs_dir) -> list[str]:
+    return [
+        "--listen",
+        "quic://127.0.0.1:0",
+        "--realm",
+        REALM,
+        "--certs-dir",
+        str(certs_dir),
+        "--health-listen",
+        "127.0.0.1:0",
+    ]
+
+
+async def test_two_node_processes_talk_and_stop_gracefully(certs):
+    d = certs["node-1"].ca.parent
+    p1 = await start_node_process("node-1", _node_args(d))
+    p2 = await start_node_process("node-2", [*_node_args(d), "--bootstrap", p1.endpoint])
+    client = Node(name="client", realm=REALM, listen=None, tls=TlsConfig(ca=str(certs["client"].ca)))
+    try:
+        await client.start()
+        # a third process (this one) calls into both node processes
+        for p in (p1, p2):
+            info = await client.call_procedure(p.endpoint, "macula.info")
+            assert info["name"] == p.name and info["realm"] == REALM
+            assert await client.call_procedure(p.endpoint, "macula.echo", {"x": [1, 2]}) == {"x": [1, 2]}
+        assert any("bootstrap peer" in line and "reachable" in line for line in p2.lines), p2.log_text()
+        health = json.loads(await asyncio.to_thread(_get, f"http://127.0.0.1:{p1.health_port}/health"))
+        assert health["ready"] is True and health["name"] == "node-1"
+        metrics = await asyncio.to_thread(_get, f"http://127.0.0.1:{p1.health_port}/metrics")
+        assert 'macula_requests_served_total{node="node-1"' in metrics
+    finally:
+        await client.stop()
+        codes = [await p.stop() for p in (p1, p2)]
+    assert codes == [0, 0]
+    assert any("shutting down" in line for line in p1.lines)
+    assert any("stopped" in line for line in p1.lines)
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
+
+
+async def test_node_takes_its_configuration_from_the_environment(certs):
+    d = certs["node-3"].ca.parent
+    env = {
+        "MACULA_REALM": "com.test.env",
+        "MACULA_LISTEN": "quic://127.0.0.1:0",
+        "MACULA_CERTS_DIR": str(d),
+        "MACULA_HEALTH_LISTEN": "off",
+        "MACULA_LOG_LEVEL": "DEBUG",
+    }
+    p = await start_node_process("node-3", [], env=env)
+    client = Node(name="client", realm="com.test.env", listen=None, tls=TlsConfig(ca=str(d / "ca.pem")))
+    try:
+        await client.start()
+        info = await client.call_procedure(p.endpoint, "macula.info")
+        assert info["realm"] == "com.test.env"
+        assert p.health_port is None
+    finally:
+        await client.stop()
+        assert await p.stop() == 0
+
+
+def test_bad_configuration_is_a_clear_error():
+    r = _cli("node", "--name", "n", "--realm", "bad..realm", "--insecure")
+    assert r.returncode == 2
+    assert "MACULA_REALM" in r.stderr and "--realm" in r.stderr
+
+
+async def test_node_without_certificate_exits_with_reason():
+    with pytest.raises(NodeProcessError, match="certificate"):
+        await start_node_process(
+            "nocert", ["--listen", "quic://127.0.0.1:0", "--health-listen", "off"], timeout=20
+        )
+
+
+async def test_ping_command(certs):
+    d = certs["node-4"].ca.parent
+    p = await start_node_process("node-4", _node_args(d))
+    try:
+        r = await asyncio.to_thread(
+            _cli, "ping", p.endpoint, "--realm", REALM, "--ca", str(d / "ca.pem"), "--count", "2"
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.count("PONG from node-4") == 2
+        r = await asyncio.to_thread(
+            _cli, "ping", p.endpoint, "--realm", "com.other", "--ca", str(d / "ca.pem")
+        )
+        assert r.returncode == 1 and "RealmMismatch" in r.stderr
+        r = await asyncio.to_thread(_cli, "ping", p.endpoint, "--realm", REALM)
+        assert r.returncode == 2 and "--ca" in r.stderr
+    finally:
+        await p.stop()
+
+
+def test_certs_subcommand(tmp_path):
+    r = _cli("certs", "init", "--dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    r = _cli("certs", "issue", "node-9", "--dir", str(tmp_path), "--ip", "10.1.2.3", "--dns", "node-9.lab")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "node-9.pem").exists() and (tmp_path / "node-9.key").exists()
+
+
+def test_demo_runs_end_to_end():
+    r = _cli("demo", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "FAIL" not in r.stdout and "checks passed" in r.stdout
