@@ -15,6 +15,7 @@ starting their background work with :meth:`Node.spawn` so the node owns it.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import resource
@@ -33,7 +34,7 @@ from .transport.base import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Re
 log = logging.getLogger(__name__)
 
 DEFAULT_REALM = "com.example.realm"
-Procedure = Callable[[Any, PeerInfo], Awaitable[Any]]
+Procedure = Callable[[Any, PeerInfo], Any]  # returns the result, or an awaitable of it
 
 
 class NoSuchProcedure(MaculaError):
@@ -116,7 +117,14 @@ class Node:
         if network is not None:
             from .transport.memory import MemoryTransport
 
-            return MemoryTransport(network, self.identity, **options)
+            return MemoryTransport(
+                network,
+                self.identity,
+                request_timeout=request_timeout,
+                connect_timeout=connect_timeout,
+                max_frame_size=max_frame_size,
+                **options,
+            )
         from .transport.quic import QuicTransport, TlsConfig
 
         if tls is None and certs is not None:
@@ -252,14 +260,18 @@ class Node:
         self._handlers[mtype] = handler
 
     def procedure(self, name: str, fn: Procedure) -> None:
-        """Answer CALLs of ``name``: ``await fn(args, peer)`` gives the result."""
-        self._procedures[name] = fn
+        """Answer CALLs of ``name`` with ``fn(args, peer)`` (a function or a coroutine function).
 
-    async def _dispatch(self, frame: Frame, peer: PeerInfo) -> Reply:
+        Plain functions are answered within the event-loop pass that received
+        the call (no task): keep them short.  Coroutine functions run as tasks.
+        """
+        self._procedures[name] = (fn, inspect.iscoroutinefunction(fn))
+
+    def _dispatch(self, frame: Frame, peer: PeerInfo) -> Reply | Awaitable[Reply]:
         handler = self._handlers.get(frame.type)
         if handler is None:
             raise UnknownRequest(f"this node does not serve {frame.type.name} requests")
-        return await handler(frame, peer)
+        return handler(frame, peer)
 
     async def request(
         self, endpoint: str, mtype: MessageType, body: dict[str, Any], *, timeout: float | None = None
@@ -284,16 +296,19 @@ class Node:
         )
         return reply.body["result"]
 
-    async def _on_ping(self, frame: Frame, peer: PeerInfo) -> Reply:
+    def _on_ping(self, frame: Frame, peer: PeerInfo) -> Reply:
         return MessageType.PONG, {}
 
-    async def _on_call(self, frame: Frame, peer: PeerInfo) -> Reply:
+    def _on_call(self, frame: Frame, peer: PeerInfo) -> Reply | Awaitable[Reply]:
         name = frame.body["procedure"]
-        fn = self._procedures.get(name)
-        if fn is None:
+        entry = self._procedures.get(name)
+        if entry is None:
             raise NoSuchProcedure(f"no procedure {name!r} on node {self.name}")
+        fn, is_async = entry
+        if is_async:
+            return _reply_later(fn(frame.body["args"], peer))
         try:
-            result = await fn(frame.body["args"], peer)
+            result = fn(frame.body["args"], peer)
         except MaculaError:
             raise
         except Exception as exc:  # the handler's failure, reported by name to the caller
@@ -351,8 +366,18 @@ class UnknownRequest(MaculaError):
     code = "unknown_request"
 
 
-async def _echo(args: Any, peer: PeerInfo) -> Any:
+def _echo(args: Any, peer: PeerInfo) -> Any:
     return args
+
+
+async def _reply_later(pending: Awaitable[Any]) -> Reply:
+    try:
+        result = await pending
+    except MaculaError:
+        raise
+    except Exception as exc:  # the handler's failure, reported by name to the caller
+        raise HandlerError(f"{type(exc).__name__}: {exc}") from exc
+    return MessageType.REPLY, {"result": result}
 
 
 def _coerce_node_id(node_id: bytes | str | None) -> bytes:

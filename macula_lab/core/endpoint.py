@@ -9,6 +9,7 @@ side (the reference defaulted to 443 on clients and 9443 on gateways).
 from __future__ import annotations
 
 import ipaddress
+from functools import lru_cache
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
@@ -66,6 +67,10 @@ def parse_endpoint(text: str) -> Endpoint:
     return Endpoint("quic", host, DEFAULT_PORT if port is None else port)
 
 
+@lru_cache(maxsize=4096)
 def normalize_endpoint(text: str) -> str:
-    """The canonical string form (``quic://host:port``), used as a pool key."""
+    """The canonical string form (``quic://host:port``), used as a pool key.
+
+    Cached: it runs on every request, and a node talks to a bounded set of peers.
+    """
     return str(parse_endpoint(text))

@@ -21,12 +21,14 @@ from ..errors import MaculaError, PeerError
 
 log = logging.getLogger(__name__)
 
-#: A handler answers one request: (reply type, reply body).  The transport sets
-#: the reply's ``id`` to the request's.  Raising a MaculaError answers with an
-#: ERROR frame carrying its ``code``; any other exception answers
-#: ``internal_error`` and is logged.
+#: A handler answers one request: (reply type, reply body).  It may answer at
+#: once (return the tuple: the transport replies within the same event-loop pass,
+#: no task) or return an awaitable (the transport runs it as a task it owns).
+#: The transport sets the reply's ``id`` to the request's.  Raising a
+#: MaculaError answers with an ERROR frame carrying its ``code``; any other
+#: exception answers ``internal_error`` and is logged.
 Reply = tuple[MessageType, dict[str, Any]]
-RequestHandler = Callable[[Frame, PeerInfo], Awaitable[Reply]]
+RequestHandler = Callable[[Frame, PeerInfo], "Reply | Awaitable[Reply]"]
 
 DEFAULT_REQUEST_TIMEOUT = 5.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
@@ -59,6 +61,10 @@ class Transport(ABC):
         """
 
     @abstractmethod
+    async def connect(self, endpoint: str) -> PeerInfo:
+        """Open (or reuse) the session with ``endpoint``; returns who is there."""
+
+    @abstractmethod
     async def close(self) -> None:
         """Stop listening, close every connection, cancel every task."""
 
@@ -66,14 +72,42 @@ class Transport(ABC):
         return {}
 
 
-async def run_handler(handler: RequestHandler, frame: Frame, peer: PeerInfo) -> Reply:
-    """Run a request handler and turn failures into ERROR replies."""
+def answer(handler: RequestHandler, frame: Frame, peer: PeerInfo) -> Reply | Awaitable[Reply]:
+    """Start answering ``frame``: a Reply now, or an awaitable giving it later.
+
+    Synchronous handlers are answered without a task (the fast path for PING,
+    DHT queries and plain-function procedures); failures become ERROR replies.
+    """
     try:
-        mtype, body = await handler(frame, peer)
-    except MaculaError as exc:
+        result = handler(frame, peer)
+    except Exception as exc:
+        return _failure(exc, frame, peer)
+    if isinstance(result, tuple):
+        result[1]["id"] = frame.body["id"]
+        return result
+    return _finish(result, frame, peer)
+
+
+async def run_handler(handler: RequestHandler, frame: Frame, peer: PeerInfo) -> Reply:
+    """Run a request handler to completion and turn failures into ERROR replies."""
+    result = answer(handler, frame, peer)
+    return result if isinstance(result, tuple) else await result
+
+
+async def _finish(awaitable: Awaitable[Reply], frame: Frame, peer: PeerInfo) -> Reply:
+    try:
+        mtype, body = await awaitable
+    except Exception as exc:
+        return _failure(exc, frame, peer)
+    body["id"] = frame.body["id"]
+    return mtype, body
+
+
+def _failure(exc: Exception, frame: Frame, peer: PeerInfo) -> Reply:
+    if isinstance(exc, MaculaError):
         mtype, body = error_reply(exc.code, str(exc))
-    except Exception as exc:  # a handler bug must not take the node down
-        log.exception("handler for %s from %s failed", frame.type.name, peer.short_id)
+    else:  # a handler bug must not take the node down
+        log.error("handler for %s from %s failed", frame.type.name, peer.short_id, exc_info=exc)
         mtype, body = error_reply("internal_error", f"{type(exc).__name__}: {exc}")
     body["id"] = frame.body["id"]
     return mtype, body

@@ -63,6 +63,16 @@ class ConnectionPool(Generic[C]):
         self.counters = {"connects": 0, "reuses": 0, "evictions": 0, "idle_closed": 0, "ping_failures": 0}
 
     # ------------------------------------------------------------------ use
+    def get_nowait(self, endpoint: str) -> C | None:
+        """The open connection to ``endpoint`` if there is one (no await: the hot path)."""
+        key = normalize_endpoint(endpoint)
+        conn = self._conns.get(key)
+        if conn is None or conn.is_closed:
+            return None
+        self._conns.move_to_end(key)
+        self.counters["reuses"] += 1
+        return conn
+
     async def get(self, endpoint: str) -> C:
         key = normalize_endpoint(endpoint)
         conn = self._conns.get(key)

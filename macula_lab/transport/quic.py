@@ -27,7 +27,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,11 +56,12 @@ from ..errors import (
 from .base import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_REQUEST_TIMEOUT,
+    Reply,
     RequestHandler,
     Transport,
+    answer,
     error_reply,
     raise_for_error,
-    run_handler,
 )
 from .pool import ConnectionPool
 
@@ -145,18 +146,20 @@ class MaculaProtocol(QuicConnectionProtocol):
         fut: asyncio.Future[Frame] = self._loop.create_future()
         self._pending[rid] = (fut, stream_id)
         self.last_used = self._loop.time()
+        # a timer handle is cheaper than asyncio.timeout() on this hot path
+        timer = self._loop.call_later(timeout, self._expire, fut, mtype, timeout)
         try:
             self._quic.send_stream_data(stream_id, data, end_stream=per_request)
             self._transmit_soon()
-            async with asyncio.timeout(timeout):
-                reply = await fut
-        except TimeoutError:
-            raise RequestTimeout(
-                f"{mtype.name} to {self.endpoint or self._peer_label()} got no reply within {timeout:g}s"
-            ) from None
+            return await fut
         finally:
+            timer.cancel()
             self._pending.pop(rid, None)
-        return reply
+
+    def _expire(self, fut: asyncio.Future, mtype: MessageType, timeout: float) -> None:
+        if not fut.done():
+            where = self.endpoint or self._peer_label()
+            fut.set_exception(RequestTimeout(f"{mtype.name} to {where} got no reply within {timeout:g}s"))
 
     async def handshake(self, identity: Identity, timeout: float) -> PeerInfo:
         """Client side of the session: CONNECT on the stream that becomes the main stream."""
@@ -278,17 +281,23 @@ class MaculaProtocol(QuicConnectionProtocol):
         if len(self._tasks) >= MAX_INFLIGHT_PER_CONNECTION:
             self._send(stream_id, st, *error_reply("busy", "too many requests in flight"), rid=rid)
             return
-        st.inflight += 1
         self.owner.counters["requests_served"] += 1
-        task = self._loop.create_task(self._serve(stream_id, st, frame))
+        result = answer(self.owner.handler, frame, self.peer)
+        if isinstance(result, tuple):  # answered at once: reply in this same pass
+            self._send(stream_id, st, *result, rid=rid)
+            return
+        st.inflight += 1
+        task = self._loop.create_task(self._serve(stream_id, st, result, rid))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, stream_id: int, st: _Stream, frame: Frame) -> None:
-        mtype, body = await run_handler(self.owner.handler, frame, self.peer)
-        st.inflight -= 1
+    async def _serve(self, stream_id: int, st: _Stream, pending: Awaitable[Reply], rid: bytes) -> None:
+        try:
+            mtype, body = await pending
+        finally:
+            st.inflight -= 1
         if not self.is_closed:
-            self._send(stream_id, st, mtype, body, rid=frame.body["id"])
+            self._send(stream_id, st, mtype, body, rid=rid)
             self._transmit_soon()
         self._maybe_forget(stream_id, st)
 
@@ -461,7 +470,7 @@ class QuicTransport(Transport):
         if not self._started:
             raise NotStarted("transport is not started")
         timeout = self.request_timeout if timeout is None else timeout
-        conn = await self.pool.get(endpoint)
+        conn = self.pool.get_nowait(endpoint) or await self.pool.get(endpoint)
         self.counters["requests_sent"] += 1
         try:
             reply = await conn.request(mtype, body, timeout)
@@ -469,6 +478,12 @@ class QuicTransport(Transport):
             self.pool.discard(endpoint, conn)
             raise
         return raise_for_error(reply)
+
+    async def connect(self, endpoint: str) -> PeerInfo:
+        if not self._started:
+            raise NotStarted("transport is not started")
+        conn = await self.pool.get(endpoint)
+        return conn.peer
 
     def session(self, endpoint: str) -> PeerInfo | None:
         """The peer behind a pooled connection, if one is open."""

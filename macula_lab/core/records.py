@@ -1,0 +1,325 @@
+"""Provider records: the values the DHT stores, with per-provider merge and expiry.
+
+A DHT key (see :func:`~macula_lab.core.ids.service_key`) maps to a *set* of
+provider entries keyed by the provider's node id.  The reference's wire STORE
+replaced the whole value (last provider wins) and never enforced the TTL; here:
+
+* **Merge per provider.**  A STORE touches only its provider's entry.  For one
+  provider the higher ``seq`` wins (content and expiry replaced, even if the new
+  TTL is shorter).  An equal ``seq`` is the same advertisement delivered again
+  (replication, handover): the content is kept and the expiry extended to the
+  later of the two.  A lower ``seq`` is stale and refused.  Providers should use
+  a seq that survives restarts (e.g. milliseconds since the epoch).
+* **Expiry.**  Every storing node drops an entry at ``now + ttl``; :meth:`get`
+  never returns an expired entry even before :meth:`expire` runs.  The TTL is
+  capped (24 h by default) so a peer cannot pin an entry forever.
+* **Removal.**  :meth:`RecordStore.remove` leaves a tombstone holding the removed
+  entry's seq until that entry would have expired, so a replica that missed the
+  REMOVE cannot resurrect it by handing it over again; a fresh advertisement
+  (higher seq) is accepted at once.  The store does not authenticate: the
+  driver should honour a REMOVE only from the provider itself (session peer id
+  equal to the provider id) or from a node handing over the provider's request.
+* **Limits** (a peer must not exhaust memory): at most ``max_keys`` keys and
+  ``max_providers`` providers per key.  When full, expired entries are purged
+  first; if still full the STORE is refused (``store`` returns False, counted in
+  :meth:`stats`).  Refusing rather than evicting keeps established providers
+  stable: a flood of new entries cannot push out live ones.
+
+Handing over: when a node learns of a new node, :func:`keys_to_hand_over` names
+the keys the newcomer is now responsible for, and the driver STOREs them with
+``entry.to_wire(now)`` (remaining TTL, so a record never outlives its origin).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from ..errors import InvalidField
+from .ids import ID_BYTES, check_id, xor_distance
+
+if TYPE_CHECKING:
+    from .routing import Contact, RoutingTable
+
+MAX_TTL = 24 * 3600.0
+MAX_METADATA_BYTES = 4096  # msgpack-encoded
+MAX_ENDPOINT_LEN = 256
+MAX_SEQ = (1 << 64) - 1
+DEFAULT_MAX_KEYS = 10_000
+DEFAULT_MAX_PROVIDERS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderEntry:
+    """One provider of a service, as advertised (and, once stored, with its expiry)."""
+
+    node_id: bytes
+    endpoint: str
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False)
+    ttl: float = 300.0
+    seq: int = 0
+    expires_at: float | None = None  # set by the storing node
+
+    def to_wire(self, now: float | None = None) -> dict[str, Any]:
+        """The STORE value.  With ``now`` (and an expiry), ttl is the remaining time."""
+        ttl = self.ttl
+        if now is not None and self.expires_at is not None:
+            ttl = max(0.0, self.expires_at - now)
+        return {
+            "node_id": self.node_id,
+            "endpoint": self.endpoint,
+            "metadata": self.metadata,
+            "ttl": ttl,
+            "seq": self.seq,
+        }
+
+    @classmethod
+    def from_wire(cls, d: Any, *, max_ttl: float = MAX_TTL) -> ProviderEntry:
+        """Validate a peer's value; raises :class:`InvalidField` naming the problem."""
+        if not isinstance(d, dict):
+            raise InvalidField(f"provider entry must be a map, got {type(d).__name__}")
+        node_id = check_id(d.get("node_id"), "provider node_id")
+        endpoint = d.get("endpoint")
+        if not isinstance(endpoint, str) or len(endpoint) > MAX_ENDPOINT_LEN:
+            raise InvalidField(f"provider endpoint must be a string of at most {MAX_ENDPOINT_LEN} chars")
+        metadata = _check_metadata(d.get("metadata", {}))
+        ttl = d.get("ttl")
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
+            raise InvalidField(f"provider ttl must be a positive finite number, got {ttl!r}")
+        seq = d.get("seq")
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ:
+            raise InvalidField(f"provider seq must be an integer in 0..2**64-1, got {seq!r}")
+        return cls(node_id, endpoint, metadata, min(float(ttl), max_ttl), seq)
+
+    def remaining(self, now: float) -> float:
+        """Seconds left before expiry (inf if not stored)."""
+        return math.inf if self.expires_at is None else self.expires_at - now
+
+    def live(self, now: float) -> bool:
+        return self.expires_at is None or self.expires_at > now
+
+
+def _check_metadata(metadata: Any) -> dict[str, Any]:
+    if not isinstance(metadata, dict):
+        raise InvalidField(f"provider metadata must be a map, got {type(metadata).__name__}")
+    if not all(isinstance(key, str) for key in metadata):
+        raise InvalidField("provider metadata keys must be strings")
+    try:
+        size = len(msgpack.packb(metadata, use_bin_type=True))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidField(f"provider metadata is not serialisable: {exc}") from None
+    if size > MAX_METADATA_BYTES:
+        raise InvalidField(f"provider metadata is {size} bytes, more than {MAX_METADATA_BYTES}")
+    return metadata
+
+
+@dataclass(frozen=True, slots=True)
+class _Tombstone:
+    seq: int
+    until: float
+
+
+class RecordStore:
+    """key (32 bytes) -> {provider node id -> ProviderEntry}, with expiry."""
+
+    def __init__(
+        self,
+        *,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        max_providers: int = DEFAULT_MAX_PROVIDERS,
+        max_ttl: float = MAX_TTL,
+    ) -> None:
+        self.max_keys = max_keys
+        self.max_providers = max_providers
+        self.max_ttl = max_ttl
+        self._data: dict[bytes, dict[bytes, ProviderEntry]] = {}
+        self._tombstones: dict[tuple[bytes, bytes], _Tombstone] = {}
+        # (expires_at, key, provider): lazy heap, stale items skipped when popped
+        self._heap: list[tuple[float, bytes, bytes]] = []
+        self._refused_stale = 0
+        self._refused_full = 0
+
+    # ------------------------------------------------------------- writes
+    def store(self, key: bytes, entry: ProviderEntry, now: float) -> bool:
+        """Merge ``entry`` under ``key``; True if it was accepted (see module doc)."""
+        check_id(key, "key")
+        entry = replace(entry, ttl=min(entry.ttl, self.max_ttl))
+        expires_at = now + entry.ttl
+        if expires_at <= now:
+            return False  # handed over with nothing left to live
+        providers = self._data.get(key)
+        current = providers.get(entry.node_id) if providers else None
+        if current is not None and current.live(now):
+            return self._merge(key, providers, current, entry, expires_at)
+        tomb = self._tombstones.get((key, entry.node_id))
+        if tomb is not None and tomb.until > now and entry.seq <= tomb.seq:
+            self._refused_stale += 1
+            return False
+        if current is None and not self._has_room(key, now):
+            self._refused_full += 1
+            return False
+        self._tombstones.pop((key, entry.node_id), None)
+        self._put(key, replace(entry, expires_at=expires_at))
+        return True
+
+    def remove(self, key: bytes, provider_id: bytes, now: float | None = None) -> bool:
+        """Delete one provider's entry; True if it was there (and live, given ``now``)."""
+        providers = self._data.get(key)
+        entry = providers.pop(provider_id, None) if providers else None
+        if entry is None:
+            return False
+        if not providers:
+            del self._data[key]
+        if entry.expires_at is not None:
+            self._tombstones[(key, provider_id)] = _Tombstone(entry.seq, entry.expires_at)
+        return now is None or entry.live(now)
+
+    def expire(self, now: float) -> list[tuple[bytes, bytes]]:
+        """Drop every entry whose time has come; returns the (key, provider) pairs removed."""
+        removed = []
+        while self._heap and self._heap[0][0] <= now:
+            expires_at, key, provider = heapq.heappop(self._heap)
+            entry = self._data.get(key, {}).get(provider)
+            if entry is None or entry.expires_at != expires_at:
+                continue  # superseded by a later store or removed
+            del self._data[key][provider]
+            if not self._data[key]:
+                del self._data[key]
+            removed.append((key, provider))
+        for pair in [p for p, t in self._tombstones.items() if t.until <= now]:
+            del self._tombstones[pair]
+        return removed
+
+    # -------------------------------------------------------------- reads
+    def get(self, key: bytes, now: float) -> list[ProviderEntry]:
+        """Live entries under ``key``, in first-stored order."""
+        return [e for e in self._data.get(key, {}).values() if e.live(now)]
+
+    def next_expiry(self) -> float | None:
+        """When the next entry expires (for the driver's timer), or None."""
+        while self._heap:
+            expires_at, key, provider = self._heap[0]
+            entry = self._data.get(key, {}).get(provider)
+            if entry is not None and entry.expires_at == expires_at:
+                return expires_at
+            heapq.heappop(self._heap)
+        return None
+
+    def keys(self) -> list[bytes]:
+        return list(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def provider_count(self) -> int:
+        return sum(len(p) for p in self._data.values())
+
+    def entries(self) -> list[tuple[bytes, ProviderEntry]]:
+        """Every stored (key, entry), expired-but-not-purged included (for handover use get)."""
+        return [(key, e) for key, providers in self._data.items() for e in providers.values()]
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "keys": len(self._data),
+            "providers": self.provider_count(),
+            "tombstones": len(self._tombstones),
+            "refused_stale": self._refused_stale,
+            "refused_full": self._refused_full,
+        }
+
+    def snapshot(self, now: float) -> list[dict[str, Any]]:
+        """Rows for the lab views: one per live entry, with its remaining TTL."""
+        return [
+            {
+                "key": key.hex(),
+                "provider": e.node_id.hex(),
+                "endpoint": e.endpoint,
+                "metadata": e.metadata,
+                "seq": e.seq,
+                "ttl": e.ttl,
+                "remaining": e.remaining(now),
+            }
+            for key, providers in self._data.items()
+            for e in providers.values()
+            if e.live(now)
+        ]
+
+    # ---------------------------------------------------------- internals
+    def _merge(
+        self,
+        key: bytes,
+        providers: dict[bytes, ProviderEntry],
+        current: ProviderEntry,
+        entry: ProviderEntry,
+        expires_at: float,
+    ) -> bool:
+        if entry.seq < current.seq:
+            self._refused_stale += 1
+            return False
+        if entry.seq == current.seq:
+            if current.expires_at is not None and expires_at <= current.expires_at:
+                return True  # nothing new, already stored
+            self._put(key, replace(current, expires_at=expires_at))
+            return True
+        self._put(key, replace(entry, expires_at=expires_at))
+        return True
+
+    def _put(self, key: bytes, entry: ProviderEntry) -> None:
+        self._data.setdefault(key, {})[entry.node_id] = entry
+        assert entry.expires_at is not None
+        heapq.heappush(self._heap, (entry.expires_at, key, entry.node_id))
+
+    def _has_room(self, key: bytes, now: float) -> bool:
+        providers = self._data.get(key)
+        if providers is None:
+            if len(self._data) < self.max_keys:
+                return True
+            self.expire(now)
+            return len(self._data) < self.max_keys
+        if len(providers) < self.max_providers:
+            return True
+        self.expire(now)
+        return len(self._data.get(key, {})) < self.max_providers
+
+
+def keys_to_hand_over(
+    keys: Iterable[bytes],
+    new_contact: Contact,
+    table: RoutingTable,
+    k: int | None = None,
+    *,
+    only_if_closest: bool = True,
+) -> list[bytes]:
+    """Keys that ``new_contact`` should now store, per ``table``'s view.
+
+    A key qualifies when the newcomer is among the k closest of the nodes we know
+    (our contacts, ourselves and the newcomer).  With ``only_if_closest`` (the
+    default, as in bmuller's kademlia) we also require that we are closer to the
+    key than any other contact we know, so that one node - not all k replicas -
+    sends the STORE; the provider's periodic re-advertisement covers the rest.
+    """
+    k = table.k if k is None else k
+    self_id = table.self_id
+    new_id = new_contact.node_id
+    out = []
+    for key in keys:
+        if len(key) != ID_BYTES:
+            continue
+        others = table.closest(key, k, exclude=(new_id,))
+        self_distance = xor_distance(self_id, key)
+        # the k-th closest of {self} + others: the newcomer must beat it
+        ranked = sorted([xor_distance(c.node_id, key) for c in others] + [self_distance])
+        if len(ranked) >= k and xor_distance(new_id, key) >= ranked[k - 1]:
+            continue
+        if only_if_closest and others and xor_distance(others[0].node_id, key) < self_distance:
+            continue
+        out.append(key)
+    return out
