@@ -107,14 +107,8 @@ async def _serve(config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await node.start()
-    log.info("node %s ready: endpoint=%s health=%s", node.name, node.endpoint, node.health_port or "off")
-    for peer in config.bootstrap:
-        try:
-            rtt = await node.ping(peer)
-            log.info("bootstrap peer %s reachable (rtt %.1f ms)", peer, rtt * 1000)
-        except Exception as exc:  # keep serving: peers may come up later
-            log.warning("bootstrap peer %s not reachable yet: %s", peer, exc)
+    await node.start()  # joins through the bootstrap peers (retrying in the background)
+    log.info("node %s ready: endpoint=%s health=%s contacts=%d", node.name, node.endpoint, node.health_port or "off", len(node.dht.table))
     await stop.wait()
     log.info("node %s: signal received, shutting down", node.name)
     await node.stop()

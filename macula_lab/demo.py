@@ -92,8 +92,8 @@ async def run_demo(n: int = 3, keep: bool = False) -> int:
         for p in procs[1:]:
             results.append(
                 _say(
-                    any("bootstrap peer" in line and "reachable" in line for line in p.lines),
-                    f"{p.name} reached {procs[0].name}",
+                    p.contacts >= 1 and any(" joined: " in line for line in p.lines),
+                    f"{p.name} joined the DHT with {p.contacts} contact(s) after its self-lookup",
                 )
             )
 

@@ -128,9 +128,16 @@ class PeerError(MaculaError):
 
 
 class HandlerError(MaculaError):
-    """A procedure's handler raised; the message names the exception type."""
+    """A procedure's handler raised; ``details`` carries its type and message.
+
+    The stack trace is included only when the node runs in debug mode.
+    """
 
     code = "handler_error"
+
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.details = details or {}
 
 
 class NotStarted(MaculaError, RuntimeError):

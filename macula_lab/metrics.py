@@ -52,8 +52,10 @@ class NodeCollector:
         yield gauge(
             "macula_incoming_connections", "open incoming connections", t.get("incoming_connections", 0)
         )
-        for name, doc, value in getattr(node, "extra_metrics", lambda: [])():
-            yield gauge(name, doc, value)
+        dht = stats.get("dht", {})
+        yield gauge("macula_dht_contacts", "contacts in the routing table", dht.get("contacts", 0))
+        yield gauge("macula_dht_keys", "DHT keys stored on this node", dht.get("keys", 0))
+        yield counter("macula_dht_expired", "provider entries expired on this node", dht.get("expired", 0))
 
 
 def node_registry(node: Any) -> CollectorRegistry:

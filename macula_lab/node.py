@@ -20,6 +20,7 @@ import logging
 import os
 import resource
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,12 @@ class Node:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         admin_token: str | None = None,
+        k: int = 20,
+        alpha: int = 3,
+        query_timeout: float | None = None,
+        cache_ttl: float = 60.0,
+        strategy: str = "random",
+        debug: bool = False,
         transport_options: dict[str, Any] | None = None,
     ):
         node_id = _coerce_node_id(node_id)
@@ -78,9 +85,11 @@ class Node:
         self._health_listen = health_listen
         self._health: Any = None
         self._handlers: dict[MessageType, RequestHandler] = {}
+        self._peer_observers: list[Callable[[PeerInfo], None]] = []
         self._procedures: dict[str, Procedure] = {}
         self._tasks: set[asyncio.Task] = set()
         self._started = False
+        self._stopping = False
         self._ready = False
         self._start_lock: asyncio.Lock | None = None
         self.started_at: float | None = None
@@ -99,6 +108,13 @@ class Node:
         self.route(MessageType.CALL, self._on_call)
         self.procedure("macula.echo", _echo)
         self.procedure("macula.info", self._info_procedure)
+        from .dht import DEFAULT_QUERY_TIMEOUT, Dht
+
+        self.dht = Dht(self, k=k, alpha=alpha, query_timeout=query_timeout or DEFAULT_QUERY_TIMEOUT)
+        from .services import Services
+
+        self.debug = debug
+        self.services = Services(self, cache_ttl=cache_ttl, strategy=strategy, debug=debug)
 
     # ------------------------------------------------------------ building
     def _make_transport(
@@ -159,6 +175,8 @@ class Node:
             connect_timeout=config.connect_timeout,
             max_frame_size=config.max_frame_size,
             admin_token=config.admin_token,
+            k=config.k,
+            alpha=config.alpha,
         )
 
     # ----------------------------------------------------------- lifecycle
@@ -180,7 +198,9 @@ class Node:
 
     @property
     def ready(self) -> bool:
-        return self._started and self._ready
+        """Running, and (when it has bootstrap peers) joined the mesh."""
+        joined = not self.bootstrap or len(self.dht.table) > 0
+        return self._started and self._ready and joined
 
     def peer_info(self) -> PeerInfo:
         return self.identity.peer_info()
@@ -201,7 +221,10 @@ class Node:
                 raise
             self._started = True
             self.started_at = time.monotonic()
+            self.dht.start()
             self._ready = True
+            if self.bootstrap:
+                await self._join()
             log.info(
                 "node %s started: realm=%s endpoint=%s id=%s",
                 self.name,
@@ -211,6 +234,20 @@ class Node:
             )
         return self
 
+    async def _join(self) -> None:
+        """Bootstrap into the mesh; if no seed answers yet, keep trying in the background."""
+        if await self.dht.bootstrap(self.bootstrap):
+            return
+        log.warning("node %s: no bootstrap peer reachable yet; retrying in the background", self.name)
+        self.spawn(self._rejoin(), name=f"{self.name}:rejoin")
+
+    async def _rejoin(self) -> None:
+        delay = 1.0
+        while not len(self.dht.table):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            await self.dht.bootstrap(self.bootstrap)
+
     async def stop(self) -> None:
         """Stop: cancel every task the node owns, close connections.  Idempotent."""
         if self._start_lock is None:
@@ -218,17 +255,41 @@ class Node:
         async with self._start_lock:
             if not self._started:
                 return
-            self._ready = False
+            await self._cancel_tasks()
+            await self.transport.close()
+            await self._finish_stop()
+            log.info("node %s stopped", self.name)
+
+    async def kill(self) -> None:
+        """Stop abruptly, without a goodbye to anyone: peers find out by timing out.
+
+        The lab uses this to simulate a crashed host or a killed process.
+        """
+        if self._start_lock is None:
+            return
+        async with self._start_lock:
+            if not self._started:
+                return
+            await self._cancel_tasks()
+            await self.transport.abort()
+            await self._finish_stop()
+            log.info("node %s killed (no goodbye)", self.name)
+
+    async def _cancel_tasks(self) -> None:
+        self._ready = False
+        self._stopping = True  # spawn() refuses from now on, so this loop ends
+        while self._tasks:
             tasks = list(self._tasks)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self.transport.close()
-            if self._health is not None:
-                await self._health.stop()
-                self._health = None
-            self._started = False
-            log.info("node %s stopped", self.name)
+
+    async def _finish_stop(self) -> None:
+        if self._health is not None:
+            await self._health.stop()
+            self._health = None
+        self._started = False
+        self._stopping = False
 
     async def __aenter__(self) -> Node:
         return await self.start()
@@ -236,8 +297,14 @@ class Node:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str | None = None) -> asyncio.Task:
-        """Run ``coro`` as a task owned by this node: cancelled on stop, failures logged."""
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str | None = None) -> asyncio.Task | None:
+        """Run ``coro`` as a task owned by this node: cancelled on stop, failures logged.
+
+        A node that is not running (or is stopping) starts nothing: returns None.
+        """
+        if not self._started or self._stopping:
+            coro.close()
+            return None
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -267,7 +334,46 @@ class Node:
         """
         self._procedures[name] = (fn, inspect.iscoroutinefunction(fn))
 
+    def remove_procedure(self, name: str) -> None:
+        self._procedures.pop(name, None)
+
+    # ----------------------------------------------------------- services
+    async def advertise(
+        self, name: str, handler: Callable[[Any], Any], *, ttl: float = 300, metadata: dict | None = None
+    ):
+        """Serve ``name`` and publish this node as a provider (see :mod:`macula_lab.services`)."""
+        return await self.services.advertise(name, handler, ttl=ttl, metadata=metadata)
+
+    async def unadvertise(self, name: str) -> int:
+        return await self.services.unadvertise(name)
+
+    async def discover(self, name: str, *, refresh: bool = False):
+        return await self.services.discover(name, refresh=refresh)
+
+    async def call(
+        self,
+        name: str,
+        args: Any = None,
+        *,
+        timeout: float = 5.0,
+        strategy: str | None = None,
+        max_attempts: int | None = None,
+        deadline: float | None = None,
+        details: bool = False,
+    ) -> Any:
+        """Call service ``name``: its result, or the whole :class:`~macula_lab.services.CallResult` with ``details``."""
+        result = await self.services.call(
+            name, args, timeout=timeout, strategy=strategy, max_attempts=max_attempts, deadline=deadline
+        )
+        return result if details else result.value
+
+    def observe_peers(self, fn: Callable[[PeerInfo], None]) -> None:
+        """Call ``fn(peer)`` for every request received (the DHT learns contacts this way)."""
+        self._peer_observers.append(fn)
+
     def _dispatch(self, frame: Frame, peer: PeerInfo) -> Reply | Awaitable[Reply]:
+        for observe in self._peer_observers:
+            observe(peer)
         handler = self._handlers.get(frame.type)
         if handler is None:
             raise UnknownRequest(f"this node does not serve {frame.type.name} requests")
@@ -306,14 +412,31 @@ class Node:
             raise NoSuchProcedure(f"no procedure {name!r} on node {self.name}")
         fn, is_async = entry
         if is_async:
-            return _reply_later(fn(frame.body["args"], peer))
+            return self._reply_later(fn(frame.body["args"], peer))
         try:
             result = fn(frame.body["args"], peer)
         except MaculaError:
             raise
         except Exception as exc:  # the handler's failure, reported by name to the caller
-            raise HandlerError(f"{type(exc).__name__}: {exc}") from exc
+            raise self._handler_error(exc) from exc
+        if inspect.isawaitable(result):  # a plain function that returned a coroutine
+            return self._reply_later(result)
         return MessageType.REPLY, {"result": result}
+
+    async def _reply_later(self, pending: Awaitable[Any]) -> Reply:
+        try:
+            result = await pending
+        except MaculaError:
+            raise
+        except Exception as exc:  # the handler's failure, reported by name to the caller
+            raise self._handler_error(exc) from exc
+        return MessageType.REPLY, {"result": result}
+
+    def _handler_error(self, exc: Exception) -> HandlerError:
+        details = {"type": type(exc).__name__, "message": str(exc)}
+        if self.debug:  # no server stack traces unless asked for
+            details["traceback"] = "".join(traceback.format_exception(exc))
+        return HandlerError(f"{type(exc).__name__}: {exc}", details)
 
     async def _info_procedure(self, args: Any, peer: PeerInfo) -> dict[str, Any]:
         return self.status()
@@ -335,6 +458,7 @@ class Node:
             **self.status(),
             "tasks": len(self._tasks),
             "transport": self.transport.stats(),
+            "dht": self.dht.stats(),
             "max_rss_bytes": _max_rss_bytes(),
         }
 
@@ -348,7 +472,7 @@ class Node:
             host,
             port,
             status=self.status,
-            ready=lambda: self._ready,
+            ready=lambda: self.ready,
             registry=node_registry(self),
         )
         await self._health.start()
@@ -368,16 +492,6 @@ class UnknownRequest(MaculaError):
 
 def _echo(args: Any, peer: PeerInfo) -> Any:
     return args
-
-
-async def _reply_later(pending: Awaitable[Any]) -> Reply:
-    try:
-        result = await pending
-    except MaculaError:
-        raise
-    except Exception as exc:  # the handler's failure, reported by name to the caller
-        raise HandlerError(f"{type(exc).__name__}: {exc}") from exc
-    return MessageType.REPLY, {"result": result}
 
 
 def _coerce_node_id(node_id: bytes | str | None) -> bytes:

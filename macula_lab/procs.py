@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .errors import MaculaError
 
-_READY = re.compile(r"node (\S+) ready: endpoint=(\S+) health=(\S+)")
+_READY = re.compile(r"node (\S+) ready: endpoint=(\S+) health=(\S+) contacts=(\d+)")
 
 
 class NodeProcessError(MaculaError):
@@ -31,6 +31,7 @@ class NodeProcess:
     proc: asyncio.subprocess.Process
     endpoint: str = ""
     health_port: int | None = None
+    contacts: int = 0  # routing-table size when the node reported ready
     lines: list[str] = field(default_factory=list)
     _drain: asyncio.Task | None = None
 
@@ -89,6 +90,7 @@ async def start_node_process(
                 if m:
                     np.endpoint = m.group(2)
                     np.health_port = None if m.group(3) == "off" else int(m.group(3))
+                    np.contacts = int(m.group(4))
                     break
     except TimeoutError:
         proc.kill()

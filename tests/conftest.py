@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -12,7 +11,7 @@ from macula_lab.certs import lab_certs
 from macula_lab.node import Node
 from macula_lab.transport.quic import TlsConfig
 
-NAMES = [f"node-{i}" for i in range(1, 9)] + ["client", "raw"]
+NAMES = [f"node-{i}" for i in range(1, 41)] + ["client", "raw"]
 
 
 @pytest.fixture(scope="session")
@@ -44,9 +43,22 @@ async def nodes(certs) -> AsyncIterator:
         return await node.start()
 
     yield make
-    for node in made:
-        with contextlib.suppress(Exception):
-            await node.stop()
+    await stop_all(made)
+
+
+async def stop_all(nodes, timeout: float = 20.0) -> None:
+    """Stop nodes; if that hangs, fail with every pending task's stack (a hang is a bug)."""
+    try:
+        await asyncio.wait_for(asyncio.gather(*(n.stop() for n in nodes)), timeout)
+    except TimeoutError:
+        import io
+
+        out = io.StringIO()
+        for task in other_tasks():
+            task.print_stack(file=out)
+        raise AssertionError(
+            f"stopping nodes hung for {timeout}s; pending tasks:\n{out.getvalue()}"
+        ) from None
 
 
 def other_tasks() -> set[asyncio.Task]:

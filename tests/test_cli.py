@@ -53,7 +53,7 @@ async def test_two_node_processes_talk_and_stop_gracefully(certs):
             info = await client.call_procedure(p.endpoint, "macula.info")
             assert info["name"] == p.name and info["realm"] == REALM
             assert await client.call_procedure(p.endpoint, "macula.echo", {"x": [1, 2]}) == {"x": [1, 2]}
-        assert any("bootstrap peer" in line and "reachable" in line for line in p2.lines), p2.log_text()
+        assert p2.contacts == 1 and any(" joined: " in line for line in p2.lines), p2.log_text()
         health = json.loads(await asyncio.to_thread(_get, f"http://127.0.0.1:{p1.health_port}/health"))
         assert health["ready"] is True and health["name"] == "node-1"
         metrics = await asyncio.to_thread(_get, f"http://127.0.0.1:{p1.health_port}/metrics")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import msgpack
 import pytest
@@ -10,7 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from macula_lab.core.codec import HEADER, HEADER_SIZE, FrameDecoder, decode, encode
-from macula_lab.core.messages import ID_SIZE, NODE_ID_SIZE, SCHEMAS, Field, MessageType
+from macula_lab.core.messages import (
+    ID_SIZE,
+    NODE_ID_SIZE,
+    SCHEMAS,
+    Field,
+    MessageType,
+    _validate_fully,
+    validate,
+)
 from macula_lab.errors import (
     CodecError,
     FrameTooLarge,
@@ -226,3 +235,101 @@ def test_truncated_stream():
 def test_unserialisable_body_is_a_codec_error():
     with pytest.raises(MalformedPayload):
         encode(MessageType.CALL, {"id": b"\0" * 16, "procedure": "p", "args": object()})
+
+
+# ------------------------------------------------- validate()'s fast path
+class _Int(int):
+    pass
+
+
+class _Bytes(bytes):
+    pass
+
+
+class _Dict(dict):
+    pass
+
+
+# values that probe the exact-type fast path: bools for ints, subclasses, wrong sizes
+odd_values = st.sampled_from(
+    [None, True, False, 0, _Int(7), 1.5, "", "s", b"", b"\0" * ID_SIZE, b"\0" * NODE_ID_SIZE,
+     _Bytes(b"\1" * ID_SIZE), [], (), {}, _Dict(a=1)]
+)  # fmt: skip
+
+
+@st.composite
+def mutated_messages(draw):
+    mtype, body = draw(messages())
+    for _ in range(draw(st.integers(0, 2))):
+        name = draw(st.sampled_from([*SCHEMAS[mtype], "extra"]))
+        if draw(st.booleans()):
+            body.pop(name, None)
+        else:
+            body[name] = draw(odd_values)
+    return mtype, (_Dict(body) if draw(st.integers(0, 9)) == 0 else body)
+
+
+def _outcome(check, mtype, body):
+    try:
+        return check(mtype, body) is body
+    except CodecError as exc:
+        return type(exc), str(exc)
+
+
+@given(mutated_messages())
+@settings(max_examples=500)
+def test_fast_validation_agrees_with_the_full_check(msg):
+    mtype, body = msg
+    assert _outcome(validate, mtype, body) == _outcome(_validate_fully, mtype, body)
+
+
+def test_subclass_values_and_bodies_still_validate():
+    assert validate(MessageType.PING, {"id": _Bytes(b"\0" * ID_SIZE)})
+    assert validate(MessageType.PING, _Dict(id=b"\0" * ID_SIZE))
+    with pytest.raises(InvalidField, match="must be a map"):
+        validate(MessageType.PING, [("id", b"\0" * ID_SIZE)])
+
+
+# ------------------------------------------------------ encoder and decoder
+def test_encoder_recovers_after_a_failed_encode():
+    with pytest.raises(MalformedPayload):
+        encode(MessageType.CALL, {"id": b"\0" * 16, "procedure": "p", "args": [1, 2, object()]})
+    with pytest.raises(MalformedPayload):
+        encode(MessageType.CALL, {"id": b"\0" * 16, "procedure": "p", "args": 2**70})
+    body = {"id": b"\1" * 16, "procedure": "p", "args": [1, 2, 3]}
+    assert decode(encode(MessageType.CALL, body)).body == body
+
+
+def test_encode_from_several_threads():
+    def work(t: int) -> list[bytes]:
+        return [
+            encode(MessageType.CALL, {"id": bytes([t]) * 16, "procedure": f"p{t}", "args": [t, i] * 20})
+            for i in range(300)
+        ]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(work, range(4)))
+    for t, frames in enumerate(results):
+        for i, data in enumerate(frames):
+            assert decode(data).body == {"id": bytes([t]) * 16, "procedure": f"p{t}", "args": [t, i] * 20}
+
+
+def test_a_chunk_with_whole_frames_buffers_only_the_incomplete_tail():
+    frames = [encode(MessageType.PING, {"id": bytes([i]) * ID_SIZE}) for i in range(3)]
+    blob = b"".join(frames)
+    dec = FrameDecoder()
+    cut = len(frames[0]) + len(frames[1]) + 5
+    assert [f.body["id"][0] for f in dec.feed(blob[:cut])] == [0, 1]
+    assert dec.buffered == 5
+    assert [f.body["id"][0] for f in dec.feed(blob[cut:])] == [2]
+    assert dec.buffered == 0
+    dec.finish()
+
+
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+def test_decoder_accepts_any_bytes_like_chunk(kind):
+    data = encode(MessageType.PING, {"id": b"\6" * ID_SIZE}) * 2
+    dec = FrameDecoder()
+    out = dec.feed(kind(data[:30])) + dec.feed(kind(data[30:]))
+    assert [f.type for f in out] == [MessageType.PING] * 2
+    dec.finish()

@@ -139,6 +139,65 @@ async def test_request_timeout(nodes):
     assert await a.call_procedure(b.endpoint, "macula.echo", 2) == 2
 
 
+async def test_request_timeouts_are_independent(nodes):
+    """One expiry timer per connection: a short timeout sent after a long one still fires on time."""
+    a = await nodes("node-1")
+    b = await nodes("node-2")
+
+    async def slow(args, peer):
+        await asyncio.sleep(5)
+
+    b.procedure("test.slow", slow)
+    await a.ping(b.endpoint)  # connected: the timings below are the requests' own
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    done: dict[str, float] = {}
+
+    async def call(label: str, timeout: float) -> None:
+        with pytest.raises(RequestTimeout):
+            await a.call_procedure(b.endpoint, "test.slow", timeout=timeout)
+        done[label] = loop.time() - t0
+
+    long = asyncio.ensure_future(call("long", 1.2))
+    await asyncio.sleep(0.05)
+    await asyncio.gather(call("short", 0.2), call("short too", 0.25))
+    assert list(done) == ["short", "short too"] and done["short too"] < 0.9
+    # meanwhile answered requests are not failed by the timer
+    echoes = [a.call_procedure(b.endpoint, "macula.echo", i) for i in range(20)]
+    assert await asyncio.gather(*echoes) == list(range(20))
+    await long
+    assert 1.1 < done["long"] < 2.5
+    conn = a.transport.pool.peek(b.endpoint)
+    assert not conn._pending and not conn._deadlines
+
+
+async def test_sync_quick_and_slow_handlers_alone_and_together(nodes):
+    """Replies go out whether a handler answers at once, in its first step or later."""
+    a = await nodes("node-1")
+    b = await nodes("node-2")
+
+    async def quick(args, peer):
+        return args
+
+    async def slow(args, peer):
+        await asyncio.sleep(0.01)
+        return args
+
+    b.procedure("test.sync", lambda args, peer: args)
+    b.procedure("test.quick", quick)
+    b.procedure("test.slow", slow)
+    names = ("test.sync", "test.quick", "test.slow")
+    for name in names:  # one at a time: each reply is sent without waiting for company
+        for i in range(20):
+            assert await asyncio.wait_for(a.call_procedure(b.endpoint, name, i), 2) == i
+    calls = [a.call_procedure(b.endpoint, names[i % 3], i) for i in range(300)]
+    assert await asyncio.wait_for(asyncio.gather(*calls), 10) == list(range(300))
+    # both ways at once: each node serves while its own requests are in flight
+    both = [b.call_procedure(a.endpoint, "macula.echo", i) for i in range(50)]
+    both += [a.call_procedure(b.endpoint, "test.quick", i) for i in range(50)]
+    assert await asyncio.wait_for(asyncio.gather(*both), 10) == list(range(50)) * 2
+
+
 async def test_connect_timeout_to_silent_port(nodes):
     a = await nodes("node-1", connect_timeout=0.5)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -142,6 +142,26 @@ def validate(mtype: MessageType, body: Any) -> dict[str, Any]:
     Raises :class:`MissingField` or :class:`InvalidField`.  Extra fields are
     allowed so that newer peers can add information.
     """
+    # Fast path (runs on every frame sent and received): a plain dict whose fields
+    # all have exactly one of the allowed types.  Anything else -- a missing or
+    # mistyped field, a subclass value -- takes the full check, which decides and
+    # words the error.
+    if body.__class__ is dict:
+        for name, required, exact, size in _COMPILED[mtype]:
+            value = body.get(name, _ABSENT)
+            if value is _ABSENT:
+                if required:
+                    break
+            elif exact is not None and (
+                value.__class__ not in exact or (size is not None and len(value) != size)
+            ):
+                break
+        else:
+            return body
+    return _validate_fully(mtype, body)
+
+
+def _validate_fully(mtype: MessageType, body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidField(f"{mtype.name} body must be a map, got {type(body).__name__}")
     for name, spec in SCHEMAS[mtype].items():
@@ -160,3 +180,15 @@ def validate(mtype: MessageType, body: Any) -> dict[str, Any]:
         if spec.size is not None and len(value) != spec.size:
             raise InvalidField(f"{mtype.name}.{name} must be {spec.size} bytes, got {len(value)}")
     return body
+
+
+_ABSENT = object()
+#: SCHEMAS flattened for validate()'s fast path: (name, required, exact types or
+#: None for "any", exact size or None) per field.  Derived once: SCHEMAS is fixed.
+_COMPILED: dict[MessageType, tuple[tuple[str, bool, frozenset[type] | None, int | None], ...]] = {
+    mtype: tuple(
+        (name, f.required, None if f.types is None else frozenset(f.types), f.size)
+        for name, f in schema.items()
+    )
+    for mtype, schema in SCHEMAS.items()
+}

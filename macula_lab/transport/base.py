@@ -68,6 +68,10 @@ class Transport(ABC):
     async def close(self) -> None:
         """Stop listening, close every connection, cancel every task."""
 
+    async def abort(self) -> None:
+        """Crash without goodbye (peers only notice by timing out); default: close."""
+        await self.close()
+
     def stats(self) -> dict[str, Any]:
         return {}
 
@@ -105,7 +109,7 @@ async def _finish(awaitable: Awaitable[Reply], frame: Frame, peer: PeerInfo) -> 
 
 def _failure(exc: Exception, frame: Frame, peer: PeerInfo) -> Reply:
     if isinstance(exc, MaculaError):
-        mtype, body = error_reply(exc.code, str(exc))
+        mtype, body = error_reply(exc.code, str(exc), getattr(exc, "details", None))
     else:  # a handler bug must not take the node down
         log.error("handler for %s from %s failed", frame.type.name, peer.short_id, exc_info=exc)
         mtype, body = error_reply("internal_error", f"{type(exc).__name__}: {exc}")

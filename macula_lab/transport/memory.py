@@ -453,6 +453,12 @@ class MemoryTransport(Transport):
                 return None
         return conn.peer if conn is not None else None
 
+    async def abort(self) -> None:
+        """Crash: vanish without a word.  Peers see silence and time out, as with a dead host."""
+        if self._started:
+            self.network.kill(self)  # the close notices below are dropped: nobody is told
+        await self.close()
+
     async def close(self) -> None:
         """Unregister, tell peers, fail our pending requests, cancel and await our tasks."""
         if self._closed:
@@ -511,7 +517,8 @@ class MemoryTransport(Transport):
                 raise ConnectFailed(
                     f"{key} is not reachable from the in-memory network {self._endpoint} is on"
                 )
-            if ep.host not in self.network._nodes:
+            if ep.host not in self.network._nodes and self.network.alive(ep.host):
+                # a crashed (killed) host stays silent: the handshake times out instead
                 raise ConnectFailed(f"no node listens at {key} on this network")
             conn = _Conn(self, ep.host, key)
             connecting = (conn, self._spawn(self._handshake(conn)))

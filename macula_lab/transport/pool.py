@@ -145,7 +145,9 @@ class ConnectionPool(Generic[C]):
         if self._maintainer is None:
             self._maintainer = asyncio.get_running_loop().create_task(self._maintain())
 
-    async def close_all(self) -> None:
+    async def close_all(self, closer: Callable[[C], Awaitable[None]] | None = None) -> None:
+        """Close every connection (with ``closer`` instead of the pool's close, if given)."""
+        closer = closer or self._close
         if self._maintainer is not None:
             self._maintainer.cancel()
             await asyncio.gather(self._maintainer, return_exceptions=True)
@@ -158,7 +160,7 @@ class ConnectionPool(Generic[C]):
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(self._close(c) for c in conns), return_exceptions=True)
+        await asyncio.gather(*(closer(c) for c in conns), return_exceptions=True)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

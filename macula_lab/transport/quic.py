@@ -122,8 +122,15 @@ class MaculaProtocol(QuicConnectionProtocol):
         self.main_stream: int | None = None
         self._streams: dict[int, _Stream] = {}
         self._pending: dict[bytes, tuple[asyncio.Future[Frame], int]] = {}
+        # request timeouts: rid -> (deadline, future, type, timeout), and one timer for the
+        # earliest deadline; a timer per request (heap push + cancel) cost ~2% of latency
+        self._deadlines: dict[bytes, tuple[float, asyncio.Future[Frame], MessageType, float]] = {}
+        self._expiry: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
         self.terminated: events.ConnectionTerminated | None = None
+        # see transmit(): whether to flush later in this loop pass, and the scheduled flush
+        self._defer_flush = False
+        self._flush_handle: asyncio.Handle | None = None
 
     # ------------------------------------------------------------ requests
     @property
@@ -145,21 +152,46 @@ class MaculaProtocol(QuicConnectionProtocol):
             stream_id = self.main_stream
         fut: asyncio.Future[Frame] = self._loop.create_future()
         self._pending[rid] = (fut, stream_id)
-        self.last_used = self._loop.time()
-        # a timer handle is cheaper than asyncio.timeout() on this hot path
-        timer = self._loop.call_later(timeout, self._expire, fut, mtype, timeout)
+        self.last_used = now = self._loop.time()
+        deadline = now + timeout
+        self._deadlines[rid] = (deadline, fut, mtype, timeout)
+        if self._expiry is None or deadline < self._expiry.when():
+            self._arm_expiry(deadline)
         try:
             self._quic.send_stream_data(stream_id, data, end_stream=per_request)
-            self._transmit_soon()
+            if len(self._pending) == 1:
+                # the only request in flight: send now rather than one loop pass later
+                # (transmit() joins a flush that is already scheduled, if any)
+                self.transmit()
+            else:  # others are being sent too: let them share datagrams
+                self._flush_soon()
             return await fut
         finally:
-            timer.cancel()
             self._pending.pop(rid, None)
+            self._deadlines.pop(rid, None)
 
-    def _expire(self, fut: asyncio.Future, mtype: MessageType, timeout: float) -> None:
-        if not fut.done():
-            where = self.endpoint or self._peer_label()
-            fut.set_exception(RequestTimeout(f"{mtype.name} to {where} got no reply within {timeout:g}s"))
+    def _arm_expiry(self, when: float) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry = self._loop.call_at(when, self._expire_due)
+
+    def _expire_due(self) -> None:
+        """Fail the requests whose deadline has passed; re-arm for the earliest other one."""
+        self._expiry = None
+        now = self._loop.time()
+        earliest = None
+        for rid, (deadline, fut, mtype, timeout) in list(self._deadlines.items()):
+            if deadline <= now:
+                del self._deadlines[rid]
+                if not fut.done():
+                    where = self.endpoint or self._peer_label()
+                    fut.set_exception(
+                        RequestTimeout(f"{mtype.name} to {where} got no reply within {timeout:g}s")
+                    )
+            elif earliest is None or deadline < earliest:
+                earliest = deadline
+        if earliest is not None:
+            self._arm_expiry(earliest)
 
     async def handshake(self, identity: Identity, timeout: float) -> PeerInfo:
         """Client side of the session: CONNECT on the stream that becomes the main stream."""
@@ -185,6 +217,32 @@ class MaculaProtocol(QuicConnectionProtocol):
 
     def _peer_label(self) -> str:
         return self.peer.name or self.peer.short_id if self.peer else "peer"
+
+    # ------------------------------------------------------------ sending
+    # aioquic calls transmit() after every datagram received and every timer.  When
+    # that datagram woke up a requester (a reply) or started a handler task, those
+    # will write frames in the next loop pass; flushing now would send a datagram
+    # without them (at best an empty pass through aioquic's packet builder, ~13 µs)
+    # and a second one a pass later.  So transmit() then schedules one flush after
+    # them instead, and every transmit() until it runs joins it.  Deferring by one
+    # pass is what _transmit_soon() does anyway; ACKs and timers are unharmed.
+    def transmit(self) -> None:
+        if self._defer_flush or self._flush_handle is not None:
+            self._defer_flush = False
+            self._flush_soon()
+        else:
+            self._flush()
+
+    def _flush_soon(self) -> None:
+        """Transmit once the callbacks already queued for the next loop pass have run."""
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        transport = self._transport
+        if transport is not None and not transport.is_closing():  # closed meanwhile: nothing to do
+            super().transmit()
 
     # -------------------------------------------------------------- events
     def quic_event_received(self, event: events.QuicEvent) -> None:
@@ -217,7 +275,7 @@ class MaculaProtocol(QuicConnectionProtocol):
             if st.inflight == 0 and self._peer_initiated(stream_id):
                 # every reply to this stream has been written: close our side too
                 self._send_fin(stream_id)
-        self._maybe_forget(stream_id, st)
+            self._maybe_forget(stream_id, st)  # (only the end of the stream can make it forgettable)
 
     def _peer_initiated(self, stream_id: int) -> bool:
         # QUIC stream ids: bit 0 is 0 for client-initiated, 1 for server-initiated streams
@@ -228,7 +286,7 @@ class MaculaProtocol(QuicConnectionProtocol):
             self._quic.send_stream_data(stream_id, b"", end_stream=True)
         except Exception as exc:  # already finished or reset by the peer
             log.debug("cannot finish stream %d: %s", stream_id, exc)
-        self._transmit_soon()
+        # (called while aioquic delivers events: its transmit() right after sends the FIN)
 
     def _on_item(self, stream_id: int, st: _Stream, item: Frame | CodecError) -> None:
         if isinstance(item, CodecError):
@@ -242,6 +300,7 @@ class MaculaProtocol(QuicConnectionProtocol):
             waiter = self._pending.get(item.body["id"])
             if waiter is not None and not waiter[0].done():
                 waiter[0].set_result(item)
+                self._defer_flush = True  # the requester may send again: flush after it
             return  # a late or unknown reply is dropped (its requester gave up)
         self._on_request(stream_id, st, item)
 
@@ -287,18 +346,24 @@ class MaculaProtocol(QuicConnectionProtocol):
             self._send(stream_id, st, *result, rid=rid)
             return
         st.inflight += 1
-        task = self._loop.create_task(self._serve(stream_id, st, result, rid))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._defer_flush = True  # flush after the task's first step: a quick reply shares it
+        self._tasks.add(self._loop.create_task(self._serve(stream_id, st, result, rid)))
 
     async def _serve(self, stream_id: int, st: _Stream, pending: Awaitable[Reply], rid: bytes) -> None:
         try:
             mtype, body = await pending
         finally:
             st.inflight -= 1
+            # cheaper than a done callback (one less loop callback per request); a task
+            # cancelled before it started stays in the set, but only a dying connection
+            # cancels its tasks
+            self._tasks.discard(asyncio.current_task())
         if not self.is_closed:
             self._send(stream_id, st, mtype, body, rid=rid)
-            self._transmit_soon()
+            if self._tasks:  # other handlers may reply in this pass too: share datagrams
+                self._flush_soon()
+            else:  # the only one: send now (joins a flush already scheduled, if any)
+                self.transmit()
         self._maybe_forget(stream_id, st)
 
     def _send(
@@ -327,7 +392,7 @@ class MaculaProtocol(QuicConnectionProtocol):
             self._quic.stop_stream(stream_id, APP_ERR_BAD_FRAME)
         except ValueError:
             pass
-        self._transmit_soon()
+        # (called while aioquic delivers events: its transmit() right after sends all this)
 
     def _maybe_forget(self, stream_id: int, st: _Stream) -> None:
         if st.peer_ended and st.inflight == 0:
@@ -350,8 +415,35 @@ class MaculaProtocol(QuicConnectionProtocol):
             task.cancel()
         self.owner.forget(self)
 
+    def _drop_connected_waiter(self) -> None:
+        # aioquic fails this future when a connection that never completed its
+        # handshake terminates; nobody awaits it any more once we gave up
+        waiter = self._connected_waiter
+        if waiter is not None and not waiter.done():
+            waiter.cancel()
+        self._connected_waiter = None
+
+    def crash(self) -> None:
+        """Vanish without a CONNECTION_CLOSE: the peer only notices by timing out."""
+        self._drop_connected_waiter()
+        for task in self._tasks:
+            task.cancel()
+        for fut, _sid in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionClosed("connection aborted locally"))
+        self._pending.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.terminated = self.terminated or events.ConnectionTerminated(
+            error_code=QuicErrorCode.NO_ERROR, frame_type=None, reason_phrase="aborted"
+        )
+        if self.outgoing and self._transport is not None:
+            self._transport.close()
+
     def abort(self, reason: str = "closing") -> None:
         """Close the connection and cancel its request handlers."""
+        self._drop_connected_waiter()
         for task in self._tasks:
             task.cancel()
         if not self.is_closed:
@@ -459,6 +551,24 @@ class QuicTransport(Transport):
             # give CONNECTION_CLOSE frames a moment to leave before the socket goes
             await asyncio.sleep(0)
             self._server.close()
+            self._server = None
+        self._incoming.clear()
+        self._started = False
+
+    async def abort(self) -> None:
+        """Crash: drop every connection and the socket without telling any peer."""
+        if not self._started:
+            return
+        self._closing = True
+
+        async def crash(proto: MaculaProtocol) -> None:
+            proto.crash()
+
+        await self.pool.close_all(closer=crash)
+        for proto in list(self._incoming):
+            proto.crash()
+        if self._server is not None:
+            self._server._transport.close()  # the socket, without QuicServer.close()'s goodbyes
             self._server = None
         self._incoming.clear()
         self._started = False

@@ -1,0 +1,500 @@
+"""The DHT runtime: drives the sans-I/O Kademlia core over a node's transport.
+
+The decisions live in :mod:`macula_lab.core` (routing table, lookup state
+machine, record store); this module only does the I/O: it answers FIND_NODE,
+FIND_VALUE, STORE and REMOVE, runs iterative lookups with ``alpha`` queries in
+flight and a short per-query timeout, replicates provider records to the k
+closest nodes, hands records over to newcomers, expires records at their TTL and
+refreshes stale buckets.
+
+Every node we hear from (a request it sent us, or a reply to ours) is offered to
+the routing table; a full bucket asks us to ping its least recently seen
+contact first and evicts it only if that ping fails.
+
+Timing: all times are the node's loop clock (``loop.time()``); TTLs are
+enforced by every storing node (:meth:`Dht.get_local` never returns an expired
+entry, and a sweeper removes them at their expiry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from .core.ids import bucket_index, hex_short, random_id_in_bucket, service_key, xor_distance
+from .core.lookup import Lookup, LookupResult
+from .core.messages import Frame, MessageType
+from .core.records import ProviderEntry, RecordStore, keys_to_hand_over
+from .core.routing import Contact, PingNeeded, RoutingTable
+from .core.session import PeerInfo
+from .errors import InvalidField, MaculaError
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUERY_TIMEOUT = 0.5  # seconds; a peer slower than this is skipped for this lookup
+DEFAULT_REFRESH_INTERVAL = 3600.0
+MAX_CONTACTS_PER_REPLY = 64
+MAX_VALUES_PER_REPLY = 100
+
+
+class NotAuthorized(MaculaError):
+    code = "not_authorized"
+
+
+@dataclass(frozen=True)
+class LookupRecord:
+    """What one lookup did (kept for the lab's views and metrics)."""
+
+    kind: str  # "find_node", "find_value", "store", "remove", "bootstrap", "refresh"
+    target: str  # hex prefix
+    hops: int
+    contacted: int
+    failures: int
+    duration: float
+    found: bool
+    at: float = field(default_factory=time.time)
+
+
+@dataclass
+class StoreResult:
+    key: bytes
+    replicas: list[Contact]  # nodes that acknowledged the STORE (this node included if it is one)
+    lookup: LookupResult
+
+    @property
+    def count(self) -> int:
+        return len(self.replicas)
+
+
+class Dht:
+    """Kademlia for one :class:`~macula_lab.node.Node`."""
+
+    def __init__(
+        self,
+        node: Node,
+        *,
+        k: int = 20,
+        alpha: int = 3,
+        query_timeout: float = DEFAULT_QUERY_TIMEOUT,
+        refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
+        record_store: RecordStore | None = None,
+    ):
+        self.node = node
+        self.k = k
+        self.alpha = alpha
+        self.query_timeout = query_timeout
+        self.refresh_interval = refresh_interval
+        self.table = RoutingTable(node.node_id, k=k)
+        self.records = record_store or RecordStore()
+        self.lookups: deque[LookupRecord] = deque(maxlen=500)
+        self.rtt = RttEstimator(ceiling=query_timeout)
+        self._handed_over: OrderedDict[bytes, None] = OrderedDict()  # newcomers already served
+        self.counters = {
+            "stores_accepted": 0,
+            "stores_refused": 0,
+            "removes": 0,
+            "expired": 0,
+            "handovers": 0,
+            "bad_items": 0,
+        }
+        self._wake_sweeper = asyncio.Event()
+        node.route(MessageType.FIND_NODE, self._on_find_node)
+        node.route(MessageType.FIND_VALUE, self._on_find_value)
+        node.route(MessageType.STORE, self._on_store)
+        node.route(MessageType.REMOVE, self._on_remove)
+        node.observe_peers(self._on_peer)
+
+    # -------------------------------------------------------------- clock
+    @staticmethod
+    def now() -> float:
+        return asyncio.get_running_loop().time()
+
+    def start(self) -> None:
+        """Start the background work (called by the node once it is listening)."""
+        self._wake_sweeper = asyncio.Event()
+        self.node.spawn(self._sweep_expired(), name=f"{self.node.name}:dht-expiry")
+        self.node.spawn(self._refresh_buckets(), name=f"{self.node.name}:dht-refresh")
+
+    # ------------------------------------------------------- contacts in
+    def _on_peer(self, peer: PeerInfo) -> None:
+        """A request came in from ``peer``: it is alive, maybe new to us."""
+        if peer.endpoint and peer.node_id != self.node.node_id:
+            self._observe(Contact(peer.node_id, peer.endpoint, peer.name))
+
+    def _observe(self, contact: Contact) -> None:
+        try:
+            now = self.now()
+        except RuntimeError:  # no running loop (not started)
+            return
+        is_new = contact.node_id not in self.table
+        decision = self.table.observe(contact, now)
+        if isinstance(decision, PingNeeded):
+            self.node.spawn(self._ping_oldest(decision), name=f"{self.node.name}:dht-ping")
+        # a newcomer gets the records it is now responsible for, even if its bucket here
+        # is full (it waits in the replacement cache, but other nodes will route to it)
+        if is_new and len(self.records) and contact.node_id not in self._handed_over:
+            self._handed_over[contact.node_id] = None
+            if len(self._handed_over) > 4096:
+                self._handed_over.popitem(last=False)
+            self._hand_over(contact)
+
+    async def _ping_oldest(self, decision: PingNeeded) -> None:
+        oldest = decision.oldest
+        try:
+            await asyncio.wait_for(self.node.ping(oldest.endpoint), self.query_timeout)
+            alive = True
+        except (MaculaError, OSError, TimeoutError):
+            alive = False
+        self.table.ping_result(oldest.node_id, alive, self.now())
+
+    def _hand_over(self, contact: Contact) -> None:
+        keys = keys_to_hand_over(self.records.keys(), contact, self.table, self.k)
+        if keys:
+            self.counters["handovers"] += len(keys)
+            self.node.spawn(self._send_records(contact, keys), name=f"{self.node.name}:dht-handover")
+
+    async def _send_records(self, contact: Contact, keys: list[bytes]) -> None:
+        now = self.now()
+        for key in keys:
+            for entry in self.records.get(key, now):
+                try:
+                    await self._request(contact, MessageType.STORE, {"key": key, "value": entry.to_wire(now)})
+                except (MaculaError, OSError, TimeoutError) as exc:
+                    log.debug("handover of %s to %s failed: %s", hex_short(key), contact.name, exc)
+                    return
+
+    # ---------------------------------------------------------- handlers
+    def _closest_wire(self, target: bytes, requester: bytes) -> list[dict[str, Any]]:
+        contacts = self.table.closest(target, self.k, exclude=(requester,))
+        return [c.to_wire() for c in contacts[:MAX_CONTACTS_PER_REPLY]]
+
+    def _on_find_node(self, frame: Frame, peer: PeerInfo):
+        return MessageType.FIND_NODE_REPLY, {"nodes": self._closest_wire(frame.body["target"], peer.node_id)}
+
+    def _on_find_value(self, frame: Frame, peer: PeerInfo):
+        key = frame.body["key"]
+        body: dict[str, Any] = {"nodes": self._closest_wire(key, peer.node_id)}
+        now = self.now()
+        entries = self.records.get(key, now)
+        if entries:
+            body["value"] = [e.to_wire(now) for e in entries[:MAX_VALUES_PER_REPLY]]
+        return MessageType.FIND_VALUE_REPLY, body
+
+    def _on_store(self, frame: Frame, peer: PeerInfo):
+        entry = ProviderEntry.from_wire(frame.body["value"])  # InvalidField -> ERROR reply
+        ok = self.records.store(frame.body["key"], entry, self.now())
+        self.counters["stores_accepted" if ok else "stores_refused"] += 1
+        if ok:
+            self._wake_sweeper.set()
+        return MessageType.STORE_REPLY, {"stored": ok}
+
+    def _on_remove(self, frame: Frame, peer: PeerInfo):
+        key, provider = frame.body["key"], frame.body["provider"]
+        entries = {e.node_id: e for e in self.records.get(key, self.now())}
+        entry = entries.get(provider)
+        # only the provider itself, or the node it advertised through, may withdraw it
+        if entry is not None and peer.node_id != provider and entry.endpoint != peer.endpoint:
+            raise NotAuthorized(f"{peer.name or peer.short_id} may not remove provider {hex_short(provider)}")
+        removed = self.records.remove(key, provider, self.now())
+        self.counters["removes"] += int(removed)
+        return MessageType.REMOVE_REPLY, {"removed": removed}
+
+    # ---------------------------------------------------------- requests
+    async def _timed_request(self, contact: Contact, mtype: MessageType, body: dict[str, Any]) -> Frame:
+        t0 = self.now()
+        reply = await self._request(contact, mtype, body)
+        self.rtt.sample(self.now() - t0)
+        return reply
+
+    async def _request(self, contact: Contact, mtype: MessageType, body: dict[str, Any]) -> Frame:
+        """One query, bounded by the per-query timeout (connecting included)."""
+        try:
+            async with asyncio.timeout(self.query_timeout):
+                reply = await self.node.request(contact.endpoint, mtype, body, timeout=self.query_timeout)
+        except TimeoutError:
+            raise _QueryFailed(
+                f"{contact.name or contact.short_id} did not answer within {self.query_timeout:g}s"
+            ) from None
+        except MaculaError as exc:
+            raise _QueryFailed(str(exc)) from exc
+        peer = self.node.transport.session(contact.endpoint)
+        if peer is not None and peer.node_id != contact.node_id:
+            # the endpoint now belongs to another node: the contact is stale
+            self.table.remove(contact.node_id)
+            self._observe(Contact(peer.node_id, contact.endpoint, peer.name))
+            raise _QueryFailed(f"{contact.endpoint} is now node {peer.short_id}")
+        self._observe(contact)
+        return reply
+
+    def _parse_contacts(self, items: Any) -> list[Contact]:
+        out = []
+        for item in items[:MAX_CONTACTS_PER_REPLY] if isinstance(items, list) else ():
+            try:
+                out.append(Contact.from_wire(item))
+            except InvalidField:
+                self.counters["bad_items"] += 1
+        return out
+
+    def _parse_values(self, items: Any) -> list[ProviderEntry]:
+        out = []
+        for item in items[:MAX_VALUES_PER_REPLY] if isinstance(items, list) else ():
+            try:
+                out.append(ProviderEntry.from_wire(item))
+            except InvalidField:
+                self.counters["bad_items"] += 1
+        return out
+
+    # ------------------------------------------------------------ lookup
+    async def lookup(
+        self, target: bytes, *, kind: str = "find_node", collect_values: bool = False, patient: bool = False
+    ) -> LookupResult:
+        """Iterative lookup of ``target``: the k closest live nodes (and values if asked).
+
+        Reads (``patient=False``) stop waiting for a peer after the adaptive soft
+        timeout, so a dead contact costs a few round trips.  Writes (store,
+        remove, join) are ``patient``: they wait up to the hard per-query timeout
+        for every candidate, because putting a record on the wrong nodes costs
+        more than a slower write.
+        """
+        find_value = collect_values or kind == "find_value"
+        lk = Lookup(
+            target,
+            self.table.closest(target, self.k),
+            k=self.k,
+            alpha=self.alpha,
+            self_id=self.node.node_id,
+            find_value=find_value,
+            collect_values=collect_values,
+            now=self.now(),
+        )
+        mtype = MessageType.FIND_VALUE if find_value else MessageType.FIND_NODE
+        field_name = "key" if find_value else "target"
+        running: dict[asyncio.Task, Contact] = {}
+        try:
+            while not lk.done:
+                for contact in lk.next_queries(self.now()):
+                    task = asyncio.ensure_future(self._timed_request(contact, mtype, {field_name: target}))
+                    running[task] = contact
+                if not running:
+                    break
+                # wake for the first reply, or when the oldest query passes the soft timeout
+                soft = self.query_timeout if patient else self.rtt.timeout()
+                deadline = lk.next_deadline(soft)
+                wait = None if deadline is None else max(0.0, deadline - self.now())
+                finished, _ = await asyncio.wait(running, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                now = self.now()
+                for task in finished:
+                    contact = running.pop(task)
+                    if task.exception() is not None:  # a hard failure: the routing table hears of it
+                        lk.on_failure(contact.node_id, now)
+                        self.table.failed(contact.node_id, now)
+                        continue
+                    body = task.result().body
+                    value = self._parse_values(body.get("value")) if find_value and "value" in body else None
+                    lk.on_reply(
+                        contact.node_id, self._parse_contacts(body.get("nodes")), now, value=value or None
+                    )
+                # slow peers: stop waiting for them in this lookup (their reply still counts if it
+                # arrives before the end); the request itself runs on to the hard timeout
+                for contact in lk.timed_out(now, soft):
+                    lk.on_failure(contact.node_id, now)
+        finally:
+            for task in running:  # stragglers outside the k closest: not waited for
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+        result = lk.result(self.now())
+        self.lookups.append(
+            LookupRecord(
+                kind,
+                target.hex()[:12],
+                result.hops,
+                result.contacted,
+                result.failures,
+                result.duration,
+                bool(result.closest) or result.found,
+            )
+        )
+        self._touch(target)
+        return result
+
+    def _touch(self, target: bytes) -> None:
+        if target != self.node.node_id:
+            self.table.touch_bucket(bucket_index(self.node.node_id, target), self.now())
+
+    # ------------------------------------------------------- operations
+    async def bootstrap(self, seeds: list[str]) -> int:
+        """Join through ``seeds`` (endpoints): contact them, then look ourselves up.
+
+        Returns the number of contacts in the routing table afterwards.
+        """
+        for seed in seeds:
+            if seed == self.node.endpoint:
+                continue
+            try:
+                async with asyncio.timeout(self.node.transport.connect_timeout + 1):
+                    peer = await self.node.transport.connect(seed)
+            except (MaculaError, OSError, TimeoutError) as exc:
+                log.warning("%s: bootstrap peer %s not reachable: %s", self.node.name, seed, exc)
+                continue
+            self._observe(Contact(peer.node_id, seed, peer.name))
+        if len(self.table):
+            result = await self.lookup(self.node.node_id, kind="bootstrap", patient=True)
+            log.info(
+                "%s joined: %d contacts after a self-lookup of %d hops (%d nodes contacted)",
+                self.node.name,
+                len(self.table),
+                result.hops,
+                result.contacted,
+            )
+        return len(self.table)
+
+    def _is_replica(self, key: bytes, closest: list[Contact]) -> bool:
+        """Is this node among the k closest to ``key`` (given the lookup's closest)?"""
+        if len(closest) < self.k:
+            return True
+        return xor_distance(self.node.node_id, key) < xor_distance(closest[self.k - 1].node_id, key)
+
+    async def store(self, key: bytes, entry: ProviderEntry) -> StoreResult:
+        """Store ``entry`` on the k closest nodes to ``key`` (this node too if it is one)."""
+        result = await self.lookup(key, kind="store", patient=True)
+        targets = result.closest[: self.k]
+        wire = entry.to_wire()
+        replies = await asyncio.gather(
+            *(self._request(c, MessageType.STORE, {"key": key, "value": wire}) for c in targets),
+            return_exceptions=True,
+        )
+        replicas = [
+            c for c, r in zip(targets, replies, strict=True) if isinstance(r, Frame) and r.body.get("stored")
+        ]
+        if self._is_replica(key, targets):
+            if self.records.store(key, entry, self.now()):
+                self._wake_sweeper.set()
+                replicas.insert(0, Contact(self.node.node_id, self.node.endpoint, self.node.name))
+        return StoreResult(key, replicas, result)
+
+    async def find(self, key: bytes) -> tuple[list[ProviderEntry], LookupResult]:
+        """Every live provider entry stored under ``key`` on the k closest nodes.
+
+        Entries from several replicas are merged per provider (highest seq,
+        then the latest expiry).  Returned entries carry ``expires_at`` on this
+        node's clock.
+        """
+        result = await self.lookup(key, kind="find_value", collect_values=True)
+        now = self.now()
+        best: dict[bytes, ProviderEntry] = {}
+        for values in result.values.values():
+            for entry in values:
+                _keep_best(best, replace(entry, expires_at=now + entry.ttl))
+        for entry in self.records.get(key, now):  # our own replica, if we hold one
+            _keep_best(best, entry)
+        return [e for e in best.values() if e.live(now)], result
+
+    async def remove(self, key: bytes, provider_id: bytes) -> int:
+        """Remove one provider's entry from the k closest nodes (and here); returns how many removed it."""
+        result = await self.lookup(key, kind="remove", patient=True)
+        replies = await asyncio.gather(
+            *(
+                self._request(c, MessageType.REMOVE, {"key": key, "provider": provider_id})
+                for c in result.closest
+            ),
+            return_exceptions=True,
+        )
+        removed = sum(1 for r in replies if isinstance(r, Frame) and r.body.get("removed"))
+        if self.records.remove(key, provider_id, self.now()):
+            removed += 1
+        return removed
+
+    def get_local(self, key: bytes) -> list[ProviderEntry]:
+        return self.records.get(key, self.now())
+
+    # --------------------------------------------------------- background
+    async def _sweep_expired(self) -> None:
+        while True:
+            nxt = self.records.next_expiry()
+            delay = 5.0 if nxt is None else min(5.0, max(0.0, nxt - self.now()))
+            self._wake_sweeper.clear()
+            try:
+                await asyncio.wait_for(self._wake_sweeper.wait(), delay)
+            except TimeoutError:
+                pass
+            removed = self.records.expire(self.now())
+            if removed:
+                self.counters["expired"] += len(removed)
+                log.debug("%s: %d provider entries expired", self.node.name, len(removed))
+
+    async def _refresh_buckets(self) -> None:
+        period = max(1.0, self.refresh_interval / 4)
+        while True:
+            await asyncio.sleep(period)
+            for index in self.table.buckets_needing_refresh(self.now(), self.refresh_interval):
+                await self.lookup(random_id_in_bucket(self.node.node_id, index), kind="refresh")
+
+    # ------------------------------------------------------ observability
+    def snapshot(self) -> dict[str, Any]:
+        now = self.now()
+        return {
+            "node": self.node.name,
+            "routing_table": self.table.snapshot(now),
+            "records": self.records.snapshot(now),
+            "lookups": [r.__dict__ for r in list(self.lookups)[-50:]],
+            "counters": dict(self.counters),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "contacts": len(self.table),
+            "keys": len(self.records),
+            **self.records.stats(),
+            **self.counters,
+        }
+
+
+class RttEstimator:
+    """Smoothed query round-trip time, giving the lookup's *soft* per-query timeout.
+
+    As TCP's retransmission timer (RFC 6298): ``srtt + 4 * rttvar``, clamped to
+    [floor, ceiling].  A lookup stops waiting for a peer slower than that and
+    asks the next candidate, so one dead contact costs a few round trips instead
+    of the full ``query_timeout`` (the hard limit of the request itself).
+    """
+
+    def __init__(self, *, ceiling: float, floor: float = 0.25):
+        self.floor = min(floor, ceiling)
+        self.ceiling = ceiling
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+
+    def sample(self, rtt: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+
+    def timeout(self) -> float:
+        if self.srtt is None:
+            return self.ceiling
+        return min(self.ceiling, max(self.floor, self.srtt + 4 * self.rttvar))
+
+
+class _QueryFailed(MaculaError):
+    code = "query_failed"
+
+
+def _keep_best(best: dict[bytes, ProviderEntry], entry: ProviderEntry) -> None:
+    current = best.get(entry.node_id)
+    if current is None or (entry.seq, entry.expires_at or 0) > (current.seq, current.expires_at or 0):
+        best[entry.node_id] = entry
+
+
+def provider_key(realm: str, service: str) -> bytes:
+    """The DHT key of a service's provider record (realms never share keys)."""
+    return service_key(realm, service)
