@@ -364,6 +364,9 @@ class Services:
                     "failover", name, provider=label, error=type(exc).__name__, ms=round(took * 1000, 2)
                 )
                 continue
+            except BaseException:  # cancelled, or a bug: keep the in-flight count honest
+                self.stats.finished(choice.node_id, None, ok=False)
+                raise
             took = self._now() - t0
             self.stats.finished(choice.node_id, took, ok=True)
             self.samples["rpc_rtt"].append((time.time(), took))
