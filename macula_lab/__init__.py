@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .client import Client, connect  # noqa: E402
 from .errors import (  # noqa: E402
     CertificateError,
     ConnectFailed,
@@ -14,8 +15,15 @@ from .errors import (  # noqa: E402
     RequestTimeout,
 )
 from .node import Node  # noqa: E402
+from .services import AllProvidersFailed, CallTimeout, RemoteError, ServiceNotFound  # noqa: E402
 
 __all__ = [
+    "AllProvidersFailed",
+    "CallTimeout",
+    "Client",
+    "RemoteError",
+    "ServiceNotFound",
+    "connect",
     "CertificateError",
     "ConnectFailed",
     "ConnectTimeout",

@@ -108,7 +108,13 @@ async def _serve(config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await node.start()  # joins through the bootstrap peers (retrying in the background)
-    log.info("node %s ready: endpoint=%s health=%s contacts=%d", node.name, node.endpoint, node.health_port or "off", len(node.dht.table))
+    log.info(
+        "node %s ready: endpoint=%s health=%s contacts=%d",
+        node.name,
+        node.endpoint,
+        node.health_port or "off",
+        len(node.dht.table),
+    )
     await stop.wait()
     log.info("node %s: signal received, shutting down", node.name)
     await node.stop()

@@ -148,7 +148,8 @@ class Dht:
     async def _ping_oldest(self, decision: PingNeeded) -> None:
         oldest = decision.oldest
         try:
-            await asyncio.wait_for(self.node.ping(oldest.endpoint), self.query_timeout)
+            async with asyncio.timeout(self.query_timeout):
+                await self.node.ping(oldest.endpoint)
             alive = True
         except (MaculaError, OSError, TimeoutError):
             alive = False
@@ -207,9 +208,19 @@ class Dht:
         return MessageType.REMOVE_REPLY, {"removed": removed}
 
     # ---------------------------------------------------------- requests
-    async def _timed_request(self, contact: Contact, mtype: MessageType, body: dict[str, Any]) -> Frame:
+    async def _query(self, contact: Contact, mtype: MessageType, body: dict[str, Any]) -> Frame | MaculaError:
+        """One lookup query; failures are returned (and told to the routing table), not raised.
+
+        Runs as a node-owned task that may outlive its lookup: a peer the lookup
+        stopped waiting for still gets its reply or its hard timeout recorded, so
+        dead contacts leave the routing table instead of slowing every lookup.
+        """
         t0 = self.now()
-        reply = await self._request(contact, mtype, body)
+        try:
+            reply = await self._request(contact, mtype, body)
+        except (MaculaError, OSError) as exc:
+            self.table.failed(contact.node_id, self.now())
+            return exc if isinstance(exc, MaculaError) else _QueryFailed(str(exc))
         self.rtt.sample(self.now() - t0)
         return reply
 
@@ -277,39 +288,44 @@ class Dht:
         mtype = MessageType.FIND_VALUE if find_value else MessageType.FIND_NODE
         field_name = "key" if find_value else "target"
         running: dict[asyncio.Task, Contact] = {}
-        try:
-            while not lk.done:
-                for contact in lk.next_queries(self.now()):
-                    task = asyncio.ensure_future(self._timed_request(contact, mtype, {field_name: target}))
-                    running[task] = contact
-                if not running:
+        slow: set[bytes] = set()  # given up on by the soft timeout, query still running
+        grace_used = False
+        soft = self.query_timeout if patient else self.rtt.timeout()
+        while True:
+            if lk.done:
+                # before answering, give peers we gave up on one more soft timeout: under
+                # load a live node can be slow, and the answer should not miss it; a dead
+                # one costs this lookup at most that much extra
+                late = [t for t, c in running.items() if c.node_id in slow]
+                if grace_used or not late:
                     break
-                # wake for the first reply, or when the oldest query passes the soft timeout
-                soft = self.query_timeout if patient else self.rtt.timeout()
-                deadline = lk.next_deadline(soft)
-                wait = None if deadline is None else max(0.0, deadline - self.now())
-                finished, _ = await asyncio.wait(running, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-                now = self.now()
-                for task in finished:
-                    contact = running.pop(task)
-                    if task.exception() is not None:  # a hard failure: the routing table hears of it
-                        lk.on_failure(contact.node_id, now)
-                        self.table.failed(contact.node_id, now)
-                        continue
-                    body = task.result().body
-                    value = self._parse_values(body.get("value")) if find_value and "value" in body else None
-                    lk.on_reply(
-                        contact.node_id, self._parse_contacts(body.get("nodes")), now, value=value or None
-                    )
-                # slow peers: stop waiting for them in this lookup (their reply still counts if it
-                # arrives before the end); the request itself runs on to the hard timeout
-                for contact in lk.timed_out(now, soft):
-                    lk.on_failure(contact.node_id, now)
-        finally:
-            for task in running:  # stragglers outside the k closest: not waited for
-                task.cancel()
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
+                grace_used = True
+                finished, _ = await asyncio.wait(late, timeout=soft)
+                self._take(lk, running, finished, find_value)
+                continue
+            for contact in lk.next_queries(self.now()):
+                task = self.node.spawn(
+                    self._query(contact, mtype, {field_name: target}), name=f"{self.node.name}:query"
+                )
+                if task is None:  # the node is stopping
+                    lk.on_failure(contact.node_id, self.now())
+                    continue
+                running[task] = contact
+            if not running:
+                break
+            # wake for the first reply, or when the oldest query passes the soft timeout
+            soft = self.query_timeout if patient else self.rtt.timeout()
+            deadline = lk.next_deadline(soft)
+            wait = None if deadline is None else max(0.0, deadline - self.now())
+            finished, _ = await asyncio.wait(running, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            self._take(lk, running, finished, find_value)
+            # slow peers: stop waiting for them in this lookup (their reply still counts if it
+            # arrives before the end); the query itself runs on to the hard timeout
+            for contact in lk.timed_out(self.now(), soft):
+                lk.on_failure(contact.node_id, self.now())
+                slow.add(contact.node_id)
+        # queries still running (stragglers outside the k closest, or slow peers) are not
+        # waited for; they finish on their own within the hard timeout
         result = lk.result(self.now())
         self.lookups.append(
             LookupRecord(
@@ -324,6 +340,21 @@ class Dht:
         )
         self._touch(target)
         return result
+
+    def _take(
+        self, lk: Lookup, running: dict[asyncio.Task, Contact], finished: set[asyncio.Task], find_value: bool
+    ) -> None:
+        """Feed finished queries into the lookup."""
+        now = self.now()
+        for task in finished:
+            contact = running.pop(task)
+            outcome = task.result()
+            if isinstance(outcome, MaculaError):
+                lk.on_failure(contact.node_id, now)
+                continue
+            body = outcome.body
+            value = self._parse_values(body.get("value")) if find_value and "value" in body else None
+            lk.on_reply(contact.node_id, self._parse_contacts(body.get("nodes")), now, value=value or None)
 
     def _touch(self, target: bytes) -> None:
         if target != self.node.node_id:
@@ -388,6 +419,10 @@ class Dht:
         node's clock.
         """
         result = await self.lookup(key, kind="find_value", collect_values=True)
+        if not result.values and result.failures:
+            # nothing found and some peers were given up on: ask again, waiting for everyone
+            # (a miss must mean "not stored", not "a replica was slow")
+            result = await self.lookup(key, kind="find_value", collect_values=True, patient=True)
         now = self.now()
         best: dict[bytes, ProviderEntry] = {}
         for values in result.values.values():
@@ -421,8 +456,11 @@ class Dht:
             nxt = self.records.next_expiry()
             delay = 5.0 if nxt is None else min(5.0, max(0.0, nxt - self.now()))
             self._wake_sweeper.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation
+            # that stops the node when the event fires at the same moment
             try:
-                await asyncio.wait_for(self._wake_sweeper.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake_sweeper.wait()
             except TimeoutError:
                 pass
             removed = self.records.expire(self.now())
@@ -466,7 +504,7 @@ class RttEstimator:
     of the full ``query_timeout`` (the hard limit of the request itself).
     """
 
-    def __init__(self, *, ceiling: float, floor: float = 0.25):
+    def __init__(self, *, ceiling: float, floor: float = 0.1):
         self.floor = min(floor, ceiling)
         self.ceiling = ceiling
         self.srtt: float | None = None

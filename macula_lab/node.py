@@ -115,6 +115,9 @@ class Node:
 
         self.debug = debug
         self.services = Services(self, cache_ttl=cache_ttl, strategy=strategy, debug=debug)
+        from .gateway import ClientGateway
+
+        self.gateway = ClientGateway(self)
 
     # ------------------------------------------------------------ building
     def _make_transport(
@@ -350,7 +353,7 @@ class Node:
     async def discover(self, name: str, *, refresh: bool = False):
         return await self.services.discover(name, refresh=refresh)
 
-    async def call(
+    def call(
         self,
         name: str,
         args: Any = None,
@@ -360,12 +363,20 @@ class Node:
         max_attempts: int | None = None,
         deadline: float | None = None,
         details: bool = False,
-    ) -> Any:
-        """Call service ``name``: its result, or the whole :class:`~macula_lab.services.CallResult` with ``details``."""
-        result = await self.services.call(
-            name, args, timeout=timeout, strategy=strategy, max_attempts=max_attempts, deadline=deadline
+    ) -> Awaitable[Any]:
+        """Call service ``name`` (await it): its result, or the :class:`~macula_lab.services.CallResult` with ``details``.
+
+        A plain method returning the services layer's coroutine: one await layer less on the hot path.
+        """
+        return self.services.call(
+            name,
+            args,
+            timeout=timeout,
+            strategy=strategy,
+            max_attempts=max_attempts,
+            deadline=deadline,
+            details=details,
         )
-        return result if details else result.value
 
     def observe_peers(self, fn: Callable[[PeerInfo], None]) -> None:
         """Call ``fn(peer)`` for every request received (the DHT learns contacts this way)."""
@@ -415,8 +426,6 @@ class Node:
             return self._reply_later(fn(frame.body["args"], peer))
         try:
             result = fn(frame.body["args"], peer)
-        except MaculaError:
-            raise
         except Exception as exc:  # the handler's failure, reported by name to the caller
             raise self._handler_error(exc) from exc
         if inspect.isawaitable(result):  # a plain function that returned a coroutine
@@ -426,13 +435,15 @@ class Node:
     async def _reply_later(self, pending: Awaitable[Any]) -> Reply:
         try:
             result = await pending
-        except MaculaError:
-            raise
         except Exception as exc:  # the handler's failure, reported by name to the caller
             raise self._handler_error(exc) from exc
         return MessageType.REPLY, {"result": result}
 
-    def _handler_error(self, exc: Exception) -> HandlerError:
+    def _handler_error(self, exc: Exception) -> MaculaError:
+        from .services import ServiceUnavailable
+
+        if isinstance(exc, HandlerError | ServiceUnavailable):
+            return exc  # already says what happened (a relayed handler, an unreachable client)
         details = {"type": type(exc).__name__, "message": str(exc)}
         if self.debug:  # no server stack traces unless asked for
             details["traceback"] = "".join(traceback.format_exception(exc))

@@ -88,11 +88,17 @@ async def test_every_node_finds_every_key_in_few_hops(mesh):
 
 
 async def test_node_lookup_finds_the_true_closest(mesh):
+    """The algorithm is exact: a patient lookup (no soft timeouts) finds the true closest.
+
+    Read lookups give up on slow peers after an adaptive soft timeout, so on an
+    overloaded machine they may miss a live but slow node; that trade is
+    measured in bench/dht.py, not asserted here.
+    """
     rng = random.Random(2)
     for _ in range(20):
         target = rng.randbytes(32)
         node = rng.choice(mesh)
-        result = await node.dht.lookup(target)
+        result = await node.dht.lookup(target, patient=True)
         expected = [n.node_id for n in true_closest(mesh, target) if n is not node][: len(result.closest)]
         assert [c.node_id for c in result.closest][:2] == expected[:2]
 

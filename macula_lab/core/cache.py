@@ -16,6 +16,7 @@ Sans-I/O: every method that reads the clock takes ``now``.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,12 @@ DEFAULT_MAX_SERVICES = 10_000
 class _Cached:
     providers: tuple[ProviderEntry, ...]
     cached_at: float
+    first_expiry: float = math.inf  # before this, every provider is live: no filtering needed
+
+    def __post_init__(self) -> None:
+        self.first_expiry = min(
+            (p.expires_at for p in self.providers if p.expires_at is not None), default=math.inf
+        )
 
 
 class DiscoveryCache:
@@ -59,6 +66,9 @@ class DiscoveryCache:
             del self._entries[service]
             self._misses += 1
             return None
+        if now < cached.first_expiry:  # the common case: nothing to filter, nothing to copy
+            self._hits += 1
+            return list(cached.providers)
         live = tuple(p for p in cached.providers if p.live(now))
         if not live:
             # every provider expired: a cached "nothing" would hide new providers
@@ -67,6 +77,7 @@ class DiscoveryCache:
             return None
         if len(live) != len(cached.providers):
             cached.providers = live
+            cached.__post_init__()
         self._hits += 1
         return list(live)
 
@@ -92,6 +103,7 @@ class DiscoveryCache:
         self._evictions += 1
         if kept:
             cached.providers = kept
+            cached.__post_init__()
         else:
             del self._entries[service]
         return True

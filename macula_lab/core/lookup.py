@@ -146,8 +146,13 @@ class Lookup:
     def on_reply(self, contact_id: bytes, contacts: Iterable[Contact], now: float, value: Any = None) -> None:
         """``contact_id`` answered with ``contacts`` (and maybe a value)."""
         cand = self._candidates.get(contact_id)
-        if cand is None or cand.state is _State.NEW or self._finished_at is not None:
-            return  # not something we asked, or too late to matter
+        if cand is None or cand.state is _State.NEW:
+            return  # not something we asked
+        if self._finished_at is not None:
+            if cand.state is not _State.FAILED:
+                return  # too late to matter
+            # a peer we gave up on answered after all: resume, its news may be closer
+            self._finished_at = None
         if cand.state is _State.FAILED:
             self._failures -= 1  # a late answer after a timeout: it is alive after all
         cand.state = _State.ANSWERED

@@ -33,6 +33,15 @@ class MessageType(IntEnum):
     ERROR = 0x06  # new: the reference had no error frame (closed silently)
     CALL = 0x20
     REPLY = 0x21
+    # attached clients (new): a client process asks the node it is attached to
+    ADVERTISE = 0x24
+    ADVERTISE_REPLY = 0x25
+    UNADVERTISE = 0x26
+    UNADVERTISE_REPLY = 0x27
+    DISCOVER = 0x28
+    DISCOVER_REPLY = 0x29
+    SERVICE_CALL = 0x2A  # "call this service through the mesh for me"
+    SERVICE_REPLY = 0x2B
     FIND_NODE = 0x40
     FIND_NODE_REPLY = 0x41
     STORE = 0x42
@@ -48,6 +57,10 @@ REPLY_TO: dict[MessageType, MessageType] = {
     MessageType.CONNECT: MessageType.CONNECT_ACK,
     MessageType.PING: MessageType.PONG,
     MessageType.CALL: MessageType.REPLY,
+    MessageType.ADVERTISE: MessageType.ADVERTISE_REPLY,
+    MessageType.UNADVERTISE: MessageType.UNADVERTISE_REPLY,
+    MessageType.DISCOVER: MessageType.DISCOVER_REPLY,
+    MessageType.SERVICE_CALL: MessageType.SERVICE_REPLY,
     MessageType.FIND_NODE: MessageType.FIND_NODE_REPLY,
     MessageType.FIND_VALUE: MessageType.FIND_VALUE_REPLY,
     MessageType.STORE: MessageType.STORE_REPLY,
@@ -116,6 +129,27 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
     MessageType.PONG: {"id": REQ_ID},
     MessageType.CALL: {"id": REQ_ID, "procedure": STR, "args": ANY},
     MessageType.REPLY: {"id": REQ_ID, "result": ANY},
+    MessageType.ADVERTISE: {"id": REQ_ID, "service": STR, "ttl": Field((int, float)), "metadata": MAP},
+    MessageType.ADVERTISE_REPLY: {"id": REQ_ID, "replicas": INT},
+    MessageType.UNADVERTISE: {"id": REQ_ID, "service": STR},
+    MessageType.UNADVERTISE_REPLY: {"id": REQ_ID, "removed": INT},
+    MessageType.DISCOVER: {"id": REQ_ID, "service": STR, "refresh": BOOL},
+    MessageType.DISCOVER_REPLY: {"id": REQ_ID, "providers": LIST},
+    MessageType.SERVICE_CALL: {
+        "id": REQ_ID,
+        "service": STR,
+        "args": ANY,
+        "timeout": Field((int, float)),
+        "strategy": optional(STR),
+        "max_attempts": optional(INT),
+    },
+    MessageType.SERVICE_REPLY: {
+        "id": REQ_ID,
+        "result": ANY,
+        "provider": STR,
+        "node_id": STR,
+        "latency": Field((int, float)),
+    },
     MessageType.FIND_NODE: {"id": REQ_ID, "target": NODE_ID},
     MessageType.FIND_NODE_REPLY: {"id": REQ_ID, "nodes": LIST},
     MessageType.FIND_VALUE: {"id": REQ_ID, "key": NODE_ID},

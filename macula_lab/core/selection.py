@@ -100,6 +100,13 @@ class ProviderStats:
             else:
                 stat.latency_ewma = LATENCY_ALPHA * latency + (1 - LATENCY_ALPHA) * stat.latency_ewma
 
+    def begin(self, node_id: bytes) -> None:
+        """``node_id`` was chosen and the call sent: record_selection + started in one step (hot path)."""
+        stat = self._touch(node_id)
+        stat.selected += 1
+        stat.in_flight += 1
+        stat.calls += 1
+
     def record_selection(self, node_id: bytes) -> None:
         """A strategy chose ``node_id`` (counted by the runtime, strategies stay pure)."""
         self._touch(node_id).selected += 1
@@ -158,10 +165,16 @@ class Strategy(Protocol):
         ...
 
 
-def _by_id(providers: Sequence[ProviderEntry]) -> list[ProviderEntry]:
+def _by_id(providers: Sequence[ProviderEntry]) -> Sequence[ProviderEntry]:
     if not providers:
         raise ValueError("no provider to choose from")
-    return sorted(providers, key=lambda p: p.node_id)
+    if len(providers) == 1:
+        return providers
+    return sorted(providers, key=_node_id)
+
+
+def _node_id(p: ProviderEntry) -> bytes:
+    return p.node_id
 
 
 class RandomStrategy:

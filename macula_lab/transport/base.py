@@ -38,6 +38,8 @@ class Transport(ABC):
     """Send requests to endpoints and serve requests from peers."""
 
     identity: Identity
+    #: called with the peer when a session it opened to us ends (attached clients use this)
+    on_session_closed: Callable[[PeerInfo], None] | None = None
 
     @property
     @abstractmethod
@@ -67,6 +69,14 @@ class Transport(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Stop listening, close every connection, cancel every task."""
+
+    async def request_session(
+        self, node_id: bytes, mtype: MessageType, body: dict[str, Any], *, timeout: float | None = None
+    ) -> Frame:
+        """Send a request back over the session that peer ``node_id`` opened to us."""
+        from ..errors import ConnectFailed
+
+        raise ConnectFailed(f"{type(self).__name__} cannot send requests into accepted sessions")
 
     async def abort(self) -> None:
         """Crash without goodbye (peers only notice by timing out); default: close."""

@@ -411,9 +411,15 @@ class MaculaProtocol(QuicConnectionProtocol):
             if not fut.done():
                 fut.set_exception(exc)
         self._pending.clear()
-        for task in self._tasks:
-            task.cancel()
+        self._cancel_handlers()
         self.owner.forget(self)
+
+    def _cancel_handlers(self) -> None:
+        # one pass later: a handler task created in this pass has not started yet, and
+        # cancelling it now would drop its handler coroutine unawaited (a warning, and
+        # for async handlers no chance to clean up)
+        for task in list(self._tasks):
+            self._loop.call_soon(task.cancel)
 
     def _drop_connected_waiter(self) -> None:
         # aioquic fails this future when a connection that never completed its
@@ -426,8 +432,7 @@ class MaculaProtocol(QuicConnectionProtocol):
     def crash(self) -> None:
         """Vanish without a CONNECTION_CLOSE: the peer only notices by timing out."""
         self._drop_connected_waiter()
-        for task in self._tasks:
-            task.cancel()
+        self._cancel_handlers()
         for fut, _sid in self._pending.values():
             if not fut.done():
                 fut.set_exception(ConnectionClosed("connection aborted locally"))
@@ -444,8 +449,7 @@ class MaculaProtocol(QuicConnectionProtocol):
     def abort(self, reason: str = "closing") -> None:
         """Close the connection and cancel its request handlers."""
         self._drop_connected_waiter()
-        for task in self._tasks:
-            task.cancel()
+        self._cancel_handlers()
         if not self.is_closed:
             self.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase=reason)
 
@@ -595,6 +599,15 @@ class QuicTransport(Transport):
         conn = await self.pool.get(endpoint)
         return conn.peer
 
+    async def request_session(
+        self, node_id: bytes, mtype: MessageType, body: dict[str, Any], *, timeout: float | None = None
+    ) -> Frame:
+        for proto in self._incoming:
+            if proto.peer is not None and proto.peer.node_id == node_id and not proto.is_closed:
+                reply = await proto.request(mtype, body, self.request_timeout if timeout is None else timeout)
+                return raise_for_error(reply)
+        raise ConnectionClosed(f"no open session from node {node_id.hex()[:12]}")
+
     def session(self, endpoint: str) -> PeerInfo | None:
         """The peer behind a pooled connection, if one is open."""
         conn = self.pool.peek(endpoint)
@@ -612,7 +625,9 @@ class QuicTransport(Transport):
         config = QuicConfiguration(
             is_client=is_client,
             alpn_protocols=[ALPN],
-            idle_timeout=max(60.0, self.pool.idle_timeout + 30.0),
+            idle_timeout=max(
+                60.0, min(self.pool.idle_timeout, 600.0) + 30.0
+            ),  # pool may be unbounded (clients)
             max_data=16 * 1024 * 1024,
             max_stream_data=max(4 * 1024 * 1024, 2 * self.max_frame_size),
         )
@@ -707,6 +722,8 @@ class QuicTransport(Transport):
                 proto._transport.close()
         else:
             self._incoming.discard(proto)
+            if proto.peer is not None and self.on_session_closed is not None and not self._closing:
+                self.on_session_closed(proto.peer)
 
     async def _ping(self, proto: MaculaProtocol) -> None:
         await proto.request(MessageType.PING, {"id": new_id()}, timeout=self.request_timeout)
