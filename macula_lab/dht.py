@@ -296,8 +296,16 @@ class Dht:
                 # before answering, give peers we gave up on one more soft timeout: under
                 # load a live node can be slow, and the answer should not miss it; a dead
                 # one costs this lookup at most that much extra
-                late = [t for t, c in running.items() if c.node_id in slow]
-                if grace_used or not late:
+                if grace_used or (lk.result().found and not collect_values):
+                    break
+                closest = lk.result().closest
+                kth = xor_distance(closest[-1].node_id, target) if len(closest) >= self.k else 1 << 256
+                late = [
+                    t
+                    for t, c in running.items()
+                    if c.node_id in slow and xor_distance(c.node_id, target) < kth
+                ]
+                if not late:  # only a slow peer that would change the answer is worth waiting for
                     break
                 grace_used = True
                 finished, _ = await asyncio.wait(late, timeout=soft)
@@ -397,6 +405,9 @@ class Dht:
         """Store ``entry`` on the k closest nodes to ``key`` (this node too if it is one)."""
         result = await self.lookup(key, kind="store", patient=True)
         targets = result.closest[: self.k]
+        local = self._is_replica(key, targets)
+        if local and len(targets) >= self.k:
+            targets = targets[: self.k - 1]  # we are one of the k: k copies, not k + 1
         wire = entry.to_wire()
         replies = await asyncio.gather(
             *(self._request(c, MessageType.STORE, {"key": key, "value": wire}) for c in targets),
@@ -405,24 +416,32 @@ class Dht:
         replicas = [
             c for c, r in zip(targets, replies, strict=True) if isinstance(r, Frame) and r.body.get("stored")
         ]
-        if self._is_replica(key, targets):
+        if local:
             if self.records.store(key, entry, self.now()):
                 self._wake_sweeper.set()
                 replicas.insert(0, Contact(self.node.node_id, self.node.endpoint, self.node.name))
         return StoreResult(key, replicas, result)
 
-    async def find(self, key: bytes) -> tuple[list[ProviderEntry], LookupResult]:
-        """Every live provider entry stored under ``key`` on the k closest nodes.
+    async def find(self, key: bytes, *, exhaustive: bool = False) -> tuple[list[ProviderEntry], LookupResult]:
+        """The live provider entries stored under ``key``.
 
-        Entries from several replicas are merged per provider (highest seq,
-        then the latest expiry).  Returned entries carry ``expires_at`` on this
-        node's clock.
+        By default, as in Kademlia, the answer of the first replica reached (or
+        this node's own replica) is the answer: every provider STOREs to the same
+        k closest nodes, so one replica holds them all, and re-advertisement
+        repairs one that missed a STORE.  ``exhaustive=True`` asks all k closest
+        and merges their entries per provider (highest seq, then latest expiry).
+        Returned entries carry ``expires_at`` on this node's clock.
         """
-        result = await self.lookup(key, kind="find_value", collect_values=True)
+        now = self.now()
+        local = self.records.get(key, now)
+        if local and not exhaustive:  # we are a replica: no network needed
+            self.lookups.append(LookupRecord("find_value", key.hex()[:12], 0, 0, 0, 0.0, True))
+            return local, LookupResult(target=key, closest=[], hops=0)
+        result = await self.lookup(key, kind="find_value", collect_values=exhaustive)
         if not result.values and result.failures:
             # nothing found and some peers were given up on: ask again, waiting for everyone
             # (a miss must mean "not stored", not "a replica was slow")
-            result = await self.lookup(key, kind="find_value", collect_values=True, patient=True)
+            result = await self.lookup(key, kind="find_value", collect_values=exhaustive, patient=True)
         now = self.now()
         best: dict[bytes, ProviderEntry] = {}
         for values in result.values.values():

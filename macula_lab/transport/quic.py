@@ -24,6 +24,7 @@ relay calls to an attached client).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import ssl
@@ -506,6 +507,7 @@ class QuicTransport(Transport):
         )
         self._started = False
         self._closing = False
+        self._templates: dict[bool, QuicConfiguration] = {}
         if not self.tls.verify:
             log.warning(
                 "CERTIFICATE VERIFICATION IS OFF for node %s: peers are not authenticated "
@@ -626,12 +628,18 @@ class QuicTransport(Transport):
 
     # ------------------------------------------------------------- plumbing
     def _config(self, *, is_client: bool) -> QuicConfiguration:
+        """A fresh configuration from a template built once (certificate files read once)."""
+        template = self._templates.get(is_client)
+        if template is None:
+            template = self._templates[is_client] = self._build_config(is_client=is_client)
+        return dataclasses.replace(template)
+
+    def _build_config(self, *, is_client: bool) -> QuicConfiguration:
         config = QuicConfiguration(
             is_client=is_client,
             alpn_protocols=[ALPN],
-            idle_timeout=max(
-                60.0, min(self.pool.idle_timeout, 600.0) + 30.0
-            ),  # pool may be unbounded (clients)
+            # the pool may keep connections forever (attached clients): cap the QUIC idle timer
+            idle_timeout=max(60.0, min(self.pool.idle_timeout, 600.0) + 30.0),
             max_data=16 * 1024 * 1024,
             max_stream_data=max(4 * 1024 * 1024, 2 * self.max_frame_size),
         )
@@ -643,7 +651,8 @@ class QuicTransport(Transport):
                     raise ConnectFailed(
                         "certificate verification needs the lab CA (ca=...); or pass insecure explicitly"
                     )
-                config.load_verify_locations(cafile=self.tls.ca)
+                with open(self.tls.ca, "rb") as f:
+                    config.load_verify_locations(cadata=f.read())
             else:
                 config.verify_mode = ssl.CERT_NONE  # explicit insecure mode, warned about at construction
         return config
@@ -660,14 +669,19 @@ class QuicTransport(Transport):
             raise ConnectFailed(f"QUIC transport cannot reach {endpoint}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                infos = await loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_DGRAM)
-        except TimeoutError:
-            raise ConnectTimeout(f"resolving {ep.host} took longer than {self.connect_timeout:g}s") from None
-        except OSError as exc:
-            raise ConnectFailed(f"cannot resolve {ep.host}: {exc}") from None
-        addr = infos[0][4]
+        if ep.is_ip:  # no resolver round trip (a thread-pool hop) for IP literals
+            addr = (ep.host, ep.port) if ":" not in ep.host else (ep.host, ep.port, 0, 0)
+        else:
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    infos = await loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_DGRAM)
+            except TimeoutError:
+                raise ConnectTimeout(
+                    f"resolving {ep.host} took longer than {self.connect_timeout:g}s"
+                ) from None
+            except OSError as exc:
+                raise ConnectFailed(f"cannot resolve {ep.host}: {exc}") from None
+            addr = infos[0][4]
         if len(addr) == 2:
             addr = ("::ffff:" + addr[0], addr[1], 0, 0)
         config = self._config(is_client=True)
