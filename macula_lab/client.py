@@ -182,13 +182,7 @@ def _rebuild(exc: PeerError) -> MaculaError:
     if code == InvalidServiceName.code:
         return InvalidServiceName(exc.remote_message)
     if code == RemoteError.code:
-        return RemoteError(
-            d.get("service", "?"),
-            d.get("provider", "?"),
-            d.get("type", "Exception"),
-            d.get("message", ""),
-            d.get("traceback"),
-        )
+        return RemoteError.from_details("?", "?", d, exc.remote_message)
     if code in (AllProvidersFailed.code, CallTimeout.code):
         attempts = [Attempt(**a) for a in d.get("attempts", []) if isinstance(a, dict)]
         cls = CallTimeout if code == CallTimeout.code else AllProvidersFailed

@@ -253,30 +253,25 @@ class Node:
 
     async def stop(self) -> None:
         """Stop: cancel every task the node owns, close connections.  Idempotent."""
-        if self._start_lock is None:
-            return
-        async with self._start_lock:
-            if not self._started:
-                return
-            await self._cancel_tasks()
-            await self.transport.close()
-            await self._finish_stop()
-            log.info("node %s stopped", self.name)
+        await self._shut_down(graceful=True)
 
     async def kill(self) -> None:
         """Stop abruptly, without a goodbye to anyone: peers find out by timing out.
 
         The lab uses this to simulate a crashed host or a killed process.
         """
+        await self._shut_down(graceful=False)
+
+    async def _shut_down(self, *, graceful: bool) -> None:
         if self._start_lock is None:
             return
         async with self._start_lock:
             if not self._started:
                 return
             await self._cancel_tasks()
-            await self.transport.abort()
+            await (self.transport.close() if graceful else self.transport.abort())
             await self._finish_stop()
-            log.info("node %s killed (no goodbye)", self.name)
+            log.info("node %s %s", self.name, "stopped" if graceful else "killed (no goodbye)")
 
     async def _cancel_tasks(self) -> None:
         self._ready = False

@@ -90,6 +90,19 @@ class RemoteError(MaculaError):
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
 
+    @classmethod
+    def from_details(
+        cls, service: str, provider: str, details: dict[str, Any], fallback: str = ""
+    ) -> RemoteError:
+        """Rebuild from the ``details`` of a handler_error / remote_error that crossed the wire."""
+        return cls(
+            details.get("service", service),
+            details.get("provider", provider),
+            str(details.get("type", "Exception")),
+            str(details.get("message", fallback)),
+            details.get("traceback"),
+        )
+
     @property
     def details(self) -> dict[str, Any]:
         """Sent along when this error crosses the wire (an attached client rebuilds it)."""
@@ -224,24 +237,16 @@ class Services:
 
     def _record_call(self, service: str, provider: ProviderEntry, took: float, attempts: int) -> None:
         """The "called" event, kept only while calls are traced (it costs ~20% of a cache-hit call)."""
-        event = Event(
-            time.time(),
-            self.node.name,
-            "called",
-            service,
-            {"provider": _label(provider), "ms": took * 1000, "attempts": attempts},
-        )
-        self.events.append(event)
-        for listener in self._listeners:
-            try:
-                listener(event)
-            except Exception:  # a broken view must not break the node
-                log.exception("event listener failed")
+        detail = {"provider": _label(provider), "ms": took * 1000, "attempts": attempts}
+        self._deliver(Event(time.time(), self.node.name, "called", service, detail))
 
     def _emit(self, kind: str, service: str, **detail: Any) -> None:
         event = Event(time.time(), self.node.name, kind, service, detail)
-        self.events.append(event)
         log.info("%s", event)
+        self._deliver(event)
+
+    def _deliver(self, event: Event) -> None:
+        self.events.append(event)
         for listener in list(self._listeners):
             try:
                 listener(event)
@@ -278,7 +283,6 @@ class Services:
         ttl: float = DEFAULT_TTL,
         metadata: dict | None = None,
     ) -> Advertisement:
-        _check_name(name)
         if not callable(handler):
             raise TypeError("handler must be callable (args) -> result")
         now = self._now()
@@ -483,13 +487,8 @@ class Services:
             raise RequestTimeout(f"{name} on {_label(provider)}: no answer within {timeout:g}s") from None
         except PeerError as exc:
             if exc.remote_code == HandlerError.code:  # the handler ran and raised: no failover
-                d = exc.details
-                raise RemoteError(
-                    name,
-                    _label(provider),
-                    str(d.get("type", "Exception")),
-                    str(d.get("message", exc.remote_message)),
-                    d.get("traceback"),
+                raise RemoteError.from_details(
+                    name, _label(provider), exc.details, exc.remote_message
                 ) from None
             raise  # no such procedure there, unavailable, busy...: the caller fails over
         return reply.body["result"]
@@ -513,14 +512,7 @@ class Services:
         except ServiceUnavailable:
             raise
         except HandlerError as exc:  # a relayed handler (attached client) raised
-            d = exc.details
-            raise RemoteError(
-                name,
-                self.node.name,
-                str(d.get("type", "Exception")),
-                str(d.get("message", exc)),
-                d.get("traceback"),
-            ) from exc
+            raise RemoteError.from_details(name, self.node.name, exc.details, str(exc)) from exc
         except Exception as exc:
             raise RemoteError(
                 name, self.node.name, type(exc).__name__, str(exc), _tb(exc) if self.debug else None
