@@ -47,15 +47,11 @@ import asyncio
 import cProfile
 import gc
 import io
-import json
 import logging
 import math
-import os
-import platform
 import pstats
 import random
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,14 +60,15 @@ import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-try:  # a checkout that is not pip-installed: import the package from the tree
-    import macula_lab  # noqa: F401
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The harness shared by the benchmarks lives next to this file (_common.py).  Put this
+# folder on sys.path so that `import _common` works however the script is started
+# (python bench/dht.py, from inside bench/, or imported as a module).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # also makes macula_lab importable from a checkout that is not installed
+from _common import log, percentile
 
 from macula_lab.certs import NodeCert, lab_certs
 from macula_lab.core.records import ProviderEntry
@@ -90,11 +87,6 @@ KADEMLIA_RPC_TIMEOUT = 5.0  # rpcudp's default wait_timeout (what kademlia.Serve
 MACULA = "macula"
 KADEMLIA = "kademlia"
 ALL_SYSTEMS = (MACULA, KADEMLIA)
-
-
-def log(msg: str) -> None:
-    """Progress goes to stderr so stdout stays a clean report."""
-    print(msg, file=sys.stderr, flush=True)
 
 
 def service_name(key: int) -> str:
@@ -398,14 +390,6 @@ def gc_release() -> None:
 
 
 # =============================================================== measurement
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list (q in 0..100); NaN if empty."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
 @dataclass
 class Phase:
     """The operations of one phase: latencies (ms) and outcomes."""
@@ -549,9 +533,7 @@ async def run_all(args: argparse.Namespace) -> list[Scenario]:
                         async with asyncio.timeout(args.timeout):
                             await run_scenario(system, plan, args, res)
                     except Exception as exc:  # includes TimeoutError: a hung scenario
-                        detail = str(exc) or f"no result within {args.timeout:g} s"
-                        res.error = f"{type(exc).__name__}: {detail}"
-                        log(f"[{name} N={n} round {rnd}] CRASHED\n{traceback.format_exc()}")
+                        res.error = _common.crashed(exc, args.timeout, f"[{name} N={n} round {rnd}]")
                     finally:
                         # every node stops, also after an error, so the next scenario starts clean
                         t1 = time.perf_counter()
@@ -605,16 +587,13 @@ def summarize(results: list[Scenario], args: argparse.Namespace) -> list[Summary
         for name in args.system_list:
             rows = [r for r in results if r.system == name and r.n == n]
             good = [r for r in rows if r.error is None]
-
-            def med(values: list[float]) -> float:
-                values = [v for v in values if not math.isnan(v)]
-                return statistics.median(values) if values else math.nan
-
-            figures = {fig: med([get(r) for r in good]) for fig, get in FIGURES.items()}
+            figures = {fig: _common.median([get(r) for r in good]) for fig, get in FIGURES.items()}
             diag: dict[str, dict[str, float]] = {}
             for phase in ("store", "lookup", "churn"):
                 keys = dict.fromkeys(k for r in good for k in getattr(r, phase).diag)  # ordered
-                diag[phase] = {k: med([getattr(r, phase).diag.get(k, math.nan) for r in good]) for k in keys}
+                diag[phase] = {
+                    k: _common.median([getattr(r, phase).diag.get(k, math.nan) for r in good]) for k in keys
+                }
             errors = sum(r.store.errors + r.lookup.errors + r.churn.errors for r in rows)
             out.append(Summary(name, n, figures, diag, errors, crashed=not good))
     return out
@@ -639,14 +618,11 @@ def checks(summaries: list[Summary], args: argparse.Namespace) -> list[Check]:
     def pct(v: float) -> str:
         return "n/a" if math.isnan(v) else f"{100 * v:.1f}%"
 
-    def judge(value: float, ok: bool) -> str:
-        return "n/a" if math.isnan(value) else ("PASS" if ok else "MISS")
-
     if MACULA in args.system_list:
         for phase, what in (("lookup", "lookup success"), ("churn", "churn lookup success")):
             for n in args.size_list:
                 v = fig(MACULA, n, f"{phase}_success")
-                out.append(Check(f"macula {what}, N={n}", pct(v), "100%", judge(v, v == 1.0)))
+                out.append(Check(f"macula {what}, N={n}", pct(v), "100%", _common.verdict(v, v == 1.0)))
         for n in args.size_list:
             alive, keys = fig(MACULA, n, "keys_alive"), fig(MACULA, n, "keys")
             shown = "n/a" if math.isnan(alive) else f"{alive:.0f}/{keys:.0f}"
@@ -656,7 +632,12 @@ def checks(summaries: list[Summary], args: argparse.Namespace) -> list[Check]:
         v = fig(MACULA, n, "lookup_p50_ms") / fig(KADEMLIA, n, "lookup_p50_ms")
         shown = "n/a" if math.isnan(v) else f"{v:.2f}x"
         out.append(
-            Check(f"macula lookup p50 / kademlia lookup p50, N={n}", shown, "<= 2.0x", judge(v, v <= 2.0))
+            Check(
+                f"macula lookup p50 / kademlia lookup p50, N={n}",
+                shown,
+                "<= 2.0x",
+                _common.verdict(v, v <= 2.0),
+            )
         )
         # the same without the lookups answered from the asking node's own storage (only
         # kademlia short-cuts those), so that network lookups are compared with each other
@@ -667,34 +648,14 @@ def checks(summaries: list[Summary], args: argparse.Namespace) -> list[Check]:
         if MACULA in args.system_list:
             v = fig(MACULA, n, "churn_p99_ms")
             shown = "n/a" if math.isnan(v) else f"{v:.0f} ms"
-            out.append(Check(f"macula churn lookup p99, N={n}", shown, "<= 1000 ms", judge(v, v <= 1000)))
+            out.append(
+                Check(f"macula churn lookup p99, N={n}", shown, "<= 1000 ms", _common.verdict(v, v <= 1000))
+            )
         if KADEMLIA in args.system_list:
             v = fig(KADEMLIA, n, "churn_p99_ms")
             shown = "n/a" if math.isnan(v) else f"{v:.0f} ms"
             out.append(Check(f"kademlia churn lookup p99, N={n} (reference)", shown, "-", "info"))
     return out
-
-
-def environment() -> dict[str, Any]:
-    def ver(pkg: str) -> str:
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "aioquic": ver("aioquic"),
-        "kademlia": ver("kademlia"),
-        "rpcudp": ver("rpcudp"),
-        "msgpack": ver("msgpack"),
-        "cpu_count": os.cpu_count(),
-        "event_loop": type(asyncio.get_event_loop_policy()).__name__,
-        "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-        "macula_lab": macula_revision(),
-    }
 
 
 def macula_revision() -> str:
@@ -722,10 +683,15 @@ def report(summaries: list[Summary], cs: list[Check], env: dict[str, Any], args:
         return "n/a" if math.isnan(v) else f"{100 * v:.1f}%"
 
     lines = [
-        f"environment: Python {env['python']} ({env['implementation']}), aioquic {env['aioquic']}, "
-        f"kademlia {env['kademlia']} (rpcudp {env['rpcudp']}), msgpack {env['msgpack']}, "
-        f"macula_lab {env['macula_lab'] or 'unknown revision'}, "
-        f"{env['cpu_count']} CPUs, {env['event_loop']} (no uvloop), {env['platform']}",
+        _common.environment_line(
+            env,
+            [
+                "aioquic",
+                f"kademlia {env['kademlia']} (rpcudp {env['rpcudp']})",
+                "msgpack",
+                f"macula_lab {env['macula_lab'] or 'unknown revision'}",
+            ],
+        ),
         f"workload: N in {args.size_list}, {args.keys} keys stored, {args.lookups} lookups, then "
         f"{round(100 * args.churn)}% of the nodes stopped silently and {args.churn_lookups} lookups from "
         f"survivors; k={K}, alpha={ALPHA}; seed {args.seed}; one operation at a time; "
@@ -767,31 +733,9 @@ def report(summaries: list[Summary], cs: list[Check], env: dict[str, Any], args:
                 f"{f['keys_alive']:.0f}/{f['keys']:.0f}",
             ]
         )
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines.append(
-        "| "
-        + " | ".join(
-            h.ljust(w) if i < 1 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True))
-        )
-        + " |"
-    )
-    lines.append(
-        "|" + "|".join("-" * (w + 2) if i < 1 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
-    )
-    for r in rows:
-        lines.append(
-            "| "
-            + " | ".join(
-                c.ljust(w) if i < 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            )
-            + " |"
-        )
+    lines += _common.table(header, rows)
     lines.append("")
-    width = max((len(c.label) for c in cs), default=0)
-    sw = max((len(c.shown) for c in cs), default=0)
-    for c in cs:
-        target = f"(target {c.target})" if c.target != "-" else ""
-        lines.append(f"{c.label:<{width}}  {c.shown:>{sw}}  {target:<20}  {c.verdict}")
+    lines += _common.verdict_lines(((c.label, c.shown, c.target, c.verdict) for c in cs), target_width=20)
     lines.append("")
     lines.append("details (per operation, median over rounds):")
     for s in summaries:
@@ -840,18 +784,7 @@ def write_json(
         "rounds": [asdict(r) for r in results],
         "checks": [asdict(c) for c in cs],
     }
-    Path(path).write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN (a figure of a crashed scenario) is not JSON: it becomes null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
+    _common.write_json(path, doc)
 
 
 # ======================================================================= CLI
@@ -867,9 +800,7 @@ def raise_fd_limit() -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = _common.parser(__doc__)
     p.add_argument(
         "--sizes", default=None, help="comma-separated network sizes (default 60,200; --quick: 30)"
     )
@@ -908,30 +839,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile", action="store_true", help="cProfile macula's churn lookups; the top 25 go to stderr"
     )
     p.add_argument("--quick", action="store_true", help="a short smoke run (under a minute)")
-    p.add_argument("--json", metavar="PATH", help="also write all figures to this JSON file")
+    _common.add_json_option(p)
     args = p.parse_args(argv)
-    q = args.quick
-    args.sizes = args.sizes or ("30" if q else "60,200")
-    args.keys = args.keys if args.keys is not None else (10 if q else 50)
-    args.lookups = args.lookups if args.lookups is not None else (40 if q else 200)
-    args.churn_lookups = args.churn_lookups if args.churn_lookups is not None else (15 if q else 60)
+    args.sizes = args.sizes or ("30" if args.quick else "60,200")
+    _common.quick_defaults(args, keys=(50, 10), lookups=(200, 40), churn_lookups=(60, 15))
     try:
         args.size_list = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
     except ValueError:
         p.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
     if not args.size_list or min(args.size_list) < 2:
         p.error("--sizes: every size must be >= 2")
-    for opt in ("keys", "rounds"):
-        if getattr(args, opt) < 1:
-            p.error(f"--{opt} must be >= 1")
+    _common.require_positive(p, args, "keys", "rounds")
     if args.lookups < 0 or args.churn_lookups < 0 or args.settle < 0:
         p.error("--lookups, --churn-lookups and --settle must be >= 0")
     if not 0 <= args.churn < 1:
         p.error("--churn must be in [0, 1)")
-    args.system_list = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in args.system_list if s not in ALL_SYSTEMS]
-    if unknown or not args.system_list:
-        p.error(f"unknown system(s) {unknown}; choose from {list(ALL_SYSTEMS)}")
+    args.system_list = _common.system_list(p, args.systems, ALL_SYSTEMS, allow_empty=False)
     return args
 
 
@@ -940,10 +863,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _GC_FREEZE = not args.no_gc_freeze
     raise_fd_limit()
-    env = environment()
-    t0 = time.perf_counter()
-    results = asyncio.run(run_all(args))
-    log(f"total {time.perf_counter() - t0:.1f} s")
+    env = _common.environment(
+        "aioquic",
+        "kademlia",
+        "rpcudp",
+        "msgpack",
+        nofile_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        macula_lab=macula_revision(),
+    )
+    results = _common.run_timed(run_all(args))
     summaries = summarize(results, args)
     cs = checks(summaries, args)
     print(report(summaries, cs, env, args))

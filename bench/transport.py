@@ -39,21 +39,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
-import json
 import math
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
-import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +56,12 @@ from aioquic.asyncio import QuicConnectionProtocol, connect, serve
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 
-try:  # a checkout that is not pip-installed: import the package from the tree
-    import macula_lab  # noqa: F401
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The harness shared by the benchmarks lives next to this file (_common.py).  Put this
+# folder on sys.path so that `import _common` works however the script is started
+# (python bench/transport.py, from inside bench/, or imported as a module).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # also makes macula_lab importable from a checkout that is not installed
+from _common import RoundResult, SystemResult, log
 
 from macula_lab.certs import NodeCert, lab_certs
 from macula_lab.core.messages import Frame, MessageType
@@ -86,11 +82,6 @@ RAW_COALESCED = "raw aioquic (coalesced)"
 GRPC = "grpc.aio"
 ALL_SYSTEMS = (MACULA, MACULA_PER_REQUEST, RAW, RAW_COALESCED, GRPC)
 NAME_WIDTH = max(map(len, ALL_SYSTEMS))
-
-
-def log(msg: str) -> None:
-    """Progress goes to stderr so stdout stays a clean report."""
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ====================================================================== systems
@@ -344,56 +335,6 @@ def make_system(name: str, payload: bytes, certs: dict[str, NodeCert]) -> System
 
 
 # ================================================================= measurement
-@dataclass
-class RoundResult:
-    seq_p50_us: float
-    seq_p99_us: float
-    throughput_rps: float
-
-
-@dataclass
-class SystemResult:
-    name: str
-    rounds: list[RoundResult] = field(default_factory=list)
-    error: str | None = None
-
-    def median(self, metric: str) -> float:
-        values = [getattr(r, metric) for r in self.rounds]
-        return statistics.median(values) if values else math.nan
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list (q in 0..100)."""
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
-async def sequential(call: Callable[[], Awaitable[Any]], n: int) -> list[float]:
-    """Latencies (µs) of ``n`` requests sent one after the other."""
-    clock = time.perf_counter_ns
-    out: list[float] = []
-    for _ in range(n):
-        t0 = clock()
-        await call()
-        out.append((clock() - t0) / 1000)
-    return out
-
-
-async def concurrent(call: Callable[[], Awaitable[Any]], n: int, inflight: int) -> float:
-    """Requests per second for ``n`` requests with ``inflight`` workers keeping requests outstanding."""
-    remaining = n
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            await call()
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(min(inflight, n))))
-    return n / (time.perf_counter() - t0)
-
-
 async def run_round(system: System, args: argparse.Namespace) -> RoundResult:
     """Fresh endpoints, warm-up, sequential latency, throughput, teardown."""
     await system.start()
@@ -401,17 +342,10 @@ async def run_round(system: System, args: argparse.Namespace) -> RoundResult:
         reply = await system.call()
         if not system.check(reply):
             raise AssertionError(f"{system.name}: reply is not an echo of the request: {reply!r:.200}")
-        # warm-up both patterns: connection setup, stream credit, caches, allocator
-        await sequential(system.call, args.warmup)
-        await concurrent(system.call, args.warmup, args.inflight)
-        gc.collect()
-        latencies = sorted(await sequential(system.call, args.requests))
-        gc.collect()
-        rps = await concurrent(system.call, args.requests, args.inflight)
+        return await _common.measure(system.call, args)
     finally:
         await system.stop()
         await asyncio.sleep(0.05)  # let close frames and cancelled tasks drain before the next system
-    return RoundResult(percentile(latencies, 50), percentile(latencies, 99), rps)
 
 
 async def run_all(args: argparse.Namespace, systems: list[str]) -> dict[str, SystemResult]:
@@ -429,39 +363,14 @@ async def run_all(args: argparse.Namespace, systems: list[str]) -> dict[str, Sys
                     async with asyncio.timeout(args.timeout):
                         r = await run_round(make_system(name, payload, certs), args)
                 except Exception as exc:  # includes TimeoutError: a hung system
-                    detail = str(exc) or f"no result within {args.timeout:g} s"
-                    res.error = f"{type(exc).__name__}: {detail}"
-                    log(f"[round {rnd}/{args.rounds}] {name}: CRASHED\n{traceback.format_exc()}")
+                    res.error = _common.crashed(exc, args.timeout, f"[round {rnd}/{args.rounds}] {name}:")
                     continue
                 res.rounds.append(r)
-                log(
-                    f"[round {rnd}/{args.rounds}] {name:<{NAME_WIDTH}} seq p50 {r.seq_p50_us:8.1f} µs  "
-                    f"p99 {r.seq_p99_us:8.1f} µs  {r.throughput_rps:9.1f} req/s  "
-                    f"({time.perf_counter() - t0:.1f} s)"
-                )
+                _common.log_round(f"[round {rnd}/{args.rounds}]", name, NAME_WIDTH, r, t0)
     return results
 
 
 # ====================================================================== report
-def environment() -> dict[str, Any]:
-    def ver(pkg: str) -> str:
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "aioquic": ver("aioquic"),
-        "grpcio": ver("grpcio"),
-        "msgpack": ver("msgpack"),
-        "cpu_count": os.cpu_count(),
-        "event_loop": type(asyncio.get_event_loop_policy()).__name__,
-    }
-
-
 @dataclass
 class Ratio:
     label: str
@@ -494,15 +403,16 @@ def ratios(results: dict[str, SystemResult]) -> list[Ratio]:
         if macula not in results or other not in results:
             continue
         value = results[macula].median(metric) / results[other].median(metric)
-        if math.isnan(value):
-            verdict = "n/a"  # one side crashed
-        elif not judged:
-            verdict = "info"
-        else:
-            ok = value >= target if op == ">=" else value <= target
-            verdict = "PASS" if ok else "MISS"
+        ok = value >= target if op == ">=" else value <= target
         what = "throughput" if metric == thr else "seq p50"
-        out.append(Ratio(f"{macula} {what} / {other} {what}", value, f"{op} {target:.1f}x", verdict))
+        out.append(
+            Ratio(
+                f"{macula} {what} / {other} {what}",
+                value,
+                f"{op} {target:.1f}x",
+                _common.verdict(value, ok, judged),
+            )
+        )
     return out
 
 
@@ -510,136 +420,44 @@ def report(
     results: dict[str, SystemResult], rs: list[Ratio], env: dict[str, Any], args: argparse.Namespace
 ) -> str:
     lines = [
-        f"environment: Python {env['python']} ({env['implementation']}), aioquic {env['aioquic']}, "
-        f"grpcio {env['grpcio']}, msgpack {env['msgpack']}, {env['cpu_count']} CPUs, "
-        f"{env['event_loop']} (no uvloop), {env['platform']}",
+        _common.environment_line(env, ["aioquic", "grpcio", "msgpack"]),
         f"workload: {args.payload}-byte payload, {args.requests} requests per measurement, "
         f"{args.inflight} in flight for throughput, {args.warmup} warm-up, median of {args.rounds} round(s)",
         "note: macula and raw aioquic use TLS 1.3 with certificate verification; "
         "grpc.aio uses an insecure (plaintext) channel and does its I/O in C-core threads",
         "",
-        f"| {'system':<{NAME_WIDTH}} | {'seq p50 µs':>10} | {'seq p99 µs':>10} | {'throughput req/s':>16} |",
-        f"|{'-' * (NAME_WIDTH + 2)}|{'-' * 11}:|{'-' * 11}:|{'-' * 17}:|",
+        *_common.results_table(results, NAME_WIDTH),
+        "",
+        *_common.verdict_lines(
+            (r.label, "   n/a" if math.isnan(r.value) else f"{r.value:6.2f}x", r.target, r.verdict)
+            for r in rs
+        ),
     ]
-    for res in results.values():
-        if res.error is not None and not res.rounds:
-            lines.append(f"| {res.name:<{NAME_WIDTH}} | {'CRASHED':>10} | {'':>10} | {'':>16} |")
-            continue
-        lines.append(
-            f"| {res.name:<{NAME_WIDTH}} | {res.median('seq_p50_us'):>10.1f} | {res.median('seq_p99_us'):>10.1f} "
-            f"| {res.median('throughput_rps'):>16.1f} |"
-        )
-    lines.append("")
-    width = max((len(r.label) for r in rs), default=0)
-    for r in rs:
-        shown = "   n/a" if math.isnan(r.value) else f"{r.value:6.2f}x"
-        lines.append(f"{r.label:<{width}}  {shown}  (target {r.target})  {r.verdict}")
     return "\n".join(lines)
-
-
-def write_json(
-    path: str,
-    results: dict[str, SystemResult],
-    rs: list[Ratio],
-    env: dict[str, Any],
-    args: argparse.Namespace,
-) -> None:
-    doc = {
-        "environment": env,
-        "config": {
-            k: getattr(args, k) for k in ("requests", "inflight", "payload", "warmup", "rounds", "quick")
-        },
-        "results": {
-            name: {
-                "seq_p50_us": res.median("seq_p50_us"),
-                "seq_p99_us": res.median("seq_p99_us"),
-                "throughput_rps": res.median("throughput_rps"),
-                "rounds": [asdict(r) for r in res.rounds],
-                "error": res.error,
-            }
-            for name, res in results.items()
-        },
-        "ratios": [asdict(r) for r in rs],
-    }
-    Path(path).write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN (a figure of a crashed system) is not JSON: it becomes null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 # ========================================================================= CLI
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    return _common.parse_load_args(
+        __doc__,
+        argv,
+        unit="requests",
+        rounds=3,
+        all_systems=ALL_SYSTEMS,
+        timeout_help="give up on a system after this many seconds per round",
+        quick_help="a short smoke run (well under a minute)",
+        systems_help=f"comma-separated subset to run (default: all of {', '.join(ALL_SYSTEMS)})",
     )
-    p.add_argument(
-        "--requests",
-        "-n",
-        type=int,
-        default=None,
-        help="requests per measurement (default 2000; 1000 with --quick)",
-    )
-    p.add_argument(
-        "--inflight", type=int, default=64, help="concurrent requests in the throughput test (default 64)"
-    )
-    p.add_argument("--payload", type=int, default=64, help="payload size in bytes (default 64)")
-    p.add_argument(
-        "--warmup",
-        type=int,
-        default=None,
-        help="warm-up requests per pattern (default 200; 100 with --quick)",
-    )
-    p.add_argument(
-        "--rounds",
-        type=int,
-        default=None,
-        help="repetitions; the median is reported (default 3; 1 with --quick)",
-    )
-    p.add_argument(
-        "--timeout", type=float, default=300.0, help="give up on a system after this many seconds per round"
-    )
-    p.add_argument("--quick", action="store_true", help="a short smoke run (well under a minute)")
-    p.add_argument(
-        "--systems",
-        default=",".join(ALL_SYSTEMS),
-        help=f"comma-separated subset to run (default: all of {', '.join(ALL_SYSTEMS)})",
-    )
-    p.add_argument("--json", metavar="PATH", help="also write all figures to this JSON file")
-    args = p.parse_args(argv)
-    quick = args.quick
-    args.requests = args.requests if args.requests is not None else (1000 if quick else 2000)
-    args.warmup = args.warmup if args.warmup is not None else (100 if quick else 200)
-    args.rounds = args.rounds if args.rounds is not None else (1 if quick else 3)
-    for opt in ("requests", "inflight", "rounds"):
-        if getattr(args, opt) < 1:
-            p.error(f"--{opt} must be >= 1")
-    if args.payload < 0 or args.warmup < 0:
-        p.error("--payload and --warmup must be >= 0")
-    args.system_list = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in args.system_list if s not in ALL_SYSTEMS]
-    if unknown:
-        p.error(f"unknown system(s) {unknown}; choose from {list(ALL_SYSTEMS)}")
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    env = environment()
-    t0 = time.perf_counter()
-    results = asyncio.run(run_all(args, args.system_list))
-    log(f"total {time.perf_counter() - t0:.1f} s")
+    env = _common.environment("aioquic", "grpcio", "msgpack")
+    results = _common.run_timed(run_all(args, args.system_list))
     rs = ratios(results)
     print(report(results, rs, env, args))
     if args.json:
-        write_json(args.json, results, rs, env, args)
+        _common.write_load_json(args.json, env, args, results, ratios=rs)
         log(f"wrote {args.json}")
     return 1 if any(r.error is not None for r in results.values()) else 0
 
