@@ -393,7 +393,20 @@ class Dht:
                 result.hops,
                 result.contacted,
             )
+            # as in the Kademlia paper: after the self-lookup, refresh the buckets farther
+            # than our nearest neighbour, or a late joiner knows only its own corner and
+            # lookups through it cannot reach the rest of the id space
+            self.node.spawn(self._refresh_far_buckets(), name=f"{self.node.name}:dht-join-refresh")
         return len(self.table)
+
+    async def _refresh_far_buckets(self, limit: int = 12) -> None:
+        sizes = self.table.bucket_sizes()
+        if not sizes:
+            return
+        nearest = min(sizes)
+        sparse = [i for i in range(255, nearest, -1) if sizes.get(i, 0) < self.k][:limit]
+        for index in sparse:
+            await self.lookup(random_id_in_bucket(self.node.node_id, index), kind="refresh")
 
     def _is_replica(self, key: bytes, closest: list[Contact]) -> bool:
         """Is this node among the k closest to ``key`` (given the lookup's closest)?"""
