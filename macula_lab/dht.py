@@ -396,12 +396,12 @@ class Dht:
             # as in the Kademlia paper: after the self-lookup, refresh the buckets farther
             # than our nearest neighbour, or a late joiner knows only its own corner and
             # lookups through it cannot reach the rest of the id space.  Only the farthest
-            # few sparse ones (half, quarter, ... of the space): with 200 nodes in one
+            # sparse ones (the far half and quarter of the space): with 200 nodes in one
             # process, refreshing a dozen per join made building the mesh 10x slower.
             self.node.spawn(self._refresh_far_buckets(), name=f"{self.node.name}:dht-join-refresh")
         return len(self.table)
 
-    async def _refresh_far_buckets(self, limit: int = 4) -> None:
+    async def _refresh_far_buckets(self, limit: int = 2) -> None:
         sizes = self.table.bucket_sizes()
         if not sizes:
             return
