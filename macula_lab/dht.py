@@ -264,7 +264,13 @@ class Dht:
 
     # ------------------------------------------------------------ lookup
     async def lookup(
-        self, target: bytes, *, kind: str = "find_node", collect_values: bool = False, patient: bool = False
+        self,
+        target: bytes,
+        *,
+        kind: str = "find_node",
+        collect_values: bool = False,
+        patient: bool = False,
+        width: int | None = None,
     ) -> LookupResult:
         """Iterative lookup of ``target``: the k closest live nodes (and values if asked).
 
@@ -277,8 +283,8 @@ class Dht:
         find_value = collect_values or kind == "find_value"
         lk = Lookup(
             target,
-            self.table.closest(target, self.k),
-            k=self.k,
+            self.table.closest(target, width or self.k),
+            k=width or self.k,
             alpha=self.alpha,
             self_id=self.node.node_id,
             find_value=find_value,
@@ -396,8 +402,8 @@ class Dht:
             # as in the Kademlia paper: after the self-lookup, refresh the buckets farther
             # than our nearest neighbour, or a late joiner knows only its own corner and
             # lookups through it cannot reach the rest of the id space.  Only the farthest
-            # sparse ones (the far half and quarter of the space): with 200 nodes in one
-            # process, refreshing a dozen per join made building the mesh 10x slower.
+            # *empty* ones (the far half, the far quarter): with 200 nodes in one process,
+            # refreshing every sparse bucket per join made building the mesh 10x slower.
             self.node.spawn(self._refresh_far_buckets(), name=f"{self.node.name}:dht-join-refresh")
         return len(self.table)
 
@@ -406,9 +412,11 @@ class Dht:
         if not sizes:
             return
         nearest = min(sizes)
-        sparse = [i for i in range(255, nearest, -1) if sizes.get(i, 0) < self.k][:limit]
-        for index in sparse:
-            await self.lookup(random_id_in_bucket(self.node.node_id, index), kind="refresh")
+        empty = [i for i in range(255, nearest, -1) if not sizes.get(i)][:limit]
+        for index in empty:
+            # a narrow lookup (alpha wide, not k): a few contacts there are enough to route
+            # through, and each new contact costs a QUIC handshake
+            await self.lookup(random_id_in_bucket(self.node.node_id, index), kind="refresh", width=self.alpha)
 
     def _is_replica(self, key: bytes, closest: list[Contact]) -> bool:
         """Is this node among the k closest to ``key`` (given the lookup's closest)?"""
