@@ -465,6 +465,7 @@ class Node:
             "tasks": len(self._tasks),
             "transport": self.transport.stats(),
             "dht": self.dht.stats(),
+            "services": self.services.stats_dict(),
             "max_rss_bytes": _max_rss_bytes(),
         }
 

@@ -346,15 +346,14 @@ class Services:
     async def discover(self, name: str, *, refresh: bool = False) -> list[ProviderEntry]:
         """Live providers of ``name``: from the cache, else from the DHT."""
         _check_name(name)
-        providers, _hit = await self._discover(name, refresh=refresh)
-        return providers
-
-    async def _discover(self, name: str, *, refresh: bool) -> tuple[list[ProviderEntry], bool]:
-        now = self._now()
         if not refresh:
-            cached = self.cache.get(name, now)
+            cached = self.cache.get(name, self._now())
             if cached is not None:
-                return cached, True
+                return cached
+        return await self._lookup(name)
+
+    async def _lookup(self, name: str) -> list[ProviderEntry]:
+        """Ask the DHT (the cache missed, or the caller wants fresh providers)."""
         t0 = self._now()
         entries, lookup = await self.node.dht.find(self.key(name))
         took = self._now() - t0
@@ -363,7 +362,7 @@ class Services:
         # an empty answer drops the cached entry (and is not cached: a new provider is found at once)
         self.cache.put(name, entries, self._now())
         self._emit("discovered", name, providers=len(entries), hops=lookup.hops, ms=round(took * 1000, 2))
-        return entries, False
+        return entries
 
     # --------------------------------------------------------------- call
     async def call(
@@ -393,7 +392,7 @@ class Services:
         providers = self.cache.get(name, start)  # the fast path: a cache hit, no lookup
         hit = providers is not None
         if not hit:
-            providers, _ = await self._discover(name, refresh=True)
+            providers = await self._lookup(name)
         if not providers:
             raise ServiceNotFound(f"no provider of {name!r} in realm {self.node.realm}")
         allowed = max_attempts if max_attempts is not None else min(3, len(providers))
@@ -410,7 +409,7 @@ class Services:
                 if requeried:
                     break
                 requeried = True
-                providers, _ = await self._discover(name, refresh=True)
+                providers = await self._lookup(name)
                 fresh = [p for p in providers if p.node_id not in excluded]
                 if not providers:
                     tried = ", ".join(a.provider for a in attempts)

@@ -9,7 +9,7 @@ caller turns into :class:`~macula_lab.errors.RealmMismatch`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InvalidField, RealmMismatch
@@ -40,7 +40,6 @@ class Identity:
     name: str = ""
     capabilities: tuple[str, ...] = ("dht", "rpc")
     endpoint: str = ""  # filled in once the transport is listening
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def peer_info(self) -> PeerInfo:
         return PeerInfo(self.node_id, self.realm, self.name, self.endpoint, tuple(self.capabilities))

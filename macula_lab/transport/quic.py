@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -751,7 +751,3 @@ class QuicTransport(Transport):
         if proto._transport is not None:
             await asyncio.sleep(0)  # let the CONNECTION_CLOSE datagram go out
             proto._transport.close()
-
-
-def quic_transport_factory(**kwargs: Any) -> Callable[[Identity], QuicTransport]:
-    return lambda identity: QuicTransport(identity, **kwargs)
