@@ -21,6 +21,7 @@ from typing import Any
 from .core.messages import MessageType
 from .core.records import ProviderEntry
 from .errors import InvalidField, MaculaError, PeerError
+from .inspection import Unauthorized, check_sections
 from .node import Node
 from .services import (
     DEFAULT_CALL_TIMEOUT,
@@ -159,6 +160,15 @@ class Client:
             name, b["result"], b["provider"], b["node_id"], "", self.node.dht.now() - loop_t0, (), False
         )
 
+    async def inspect(self, token: str, sections: Any = None, since: float = 0.0) -> dict[str, Any]:
+        """The attached node's state for the lab views (see :mod:`macula_lab.inspection`).
+
+        Raises :class:`~macula_lab.inspection.Unauthorized` without the node's admin token.
+        """
+        body = {"token": token or "", "sections": list(check_sections(sections)), "since": float(since)}
+        reply = await self._ask(MessageType.INSPECT, body, timeout=10.0)
+        return reply.body["snapshot"]
+
     async def close(self) -> None:
         """Close the session: the node withdraws this client's advertisements."""
         await self.node.stop()
@@ -177,6 +187,8 @@ def _rebuild(exc: PeerError) -> MaculaError:
     """Turn an ERROR from the node back into the service error it stands for."""
     d = exc.details or {}
     code = exc.remote_code
+    if code == Unauthorized.code:
+        return Unauthorized(exc.remote_message)
     if code == ServiceNotFound.code:
         return ServiceNotFound(exc.remote_message)
     if code == InvalidServiceName.code:

@@ -118,6 +118,9 @@ class Node:
         from .gateway import ClientGateway
 
         self.gateway = ClientGateway(self)
+        from .inspection import Inspector
+
+        self.inspector = Inspector(self)
 
     # ------------------------------------------------------------ building
     def _make_transport(
@@ -491,6 +494,25 @@ class Node:
     def __repr__(self) -> str:
         state = "running" if self._started else "stopped"
         return f"<Node {self.name} {state} realm={self.realm} endpoint={self.endpoint or '-'}>"
+
+    def _repr_html_(self) -> str:
+        import html
+
+        rows = {
+            "state": "running" if self._started else "stopped",
+            "realm": self.realm,
+            "endpoint": self.endpoint or "-",
+            "node id": self.node_id.hex()[:16] + "...",
+            "contacts": len(self.dht.table),
+            "stored keys": len(self.dht.records),
+            "services": ", ".join(self.services.ads) or "-",
+            "tasks": len(self._tasks),
+        }
+        body = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+            for k, v in rows.items()
+        )
+        return f"<div class='macula-node'><strong>Node {html.escape(self.name)}</strong><table>{body}</table></div>"
 
 
 class UnknownRequest(MaculaError):

@@ -290,7 +290,9 @@ class Services:
         if old is not None and old.task is not None:
             old.task.cancel()  # never two timers for one name
         timer = ReadvertiseTimer.start(name, float(ttl), now)
-        ad = Advertisement(name, handler, float(ttl), dict(metadata or {}), timer, self._next_seq())
+        # the provider's name and the service travel with the record: views and labels read them
+        meta = {"node": self.node.name, "service": name, **(metadata or {})}
+        ad = Advertisement(name, handler, float(ttl), meta, timer, self._next_seq())
         self.ads[name] = ad
         self.node.procedure(name, _adapt(handler))
         await self._publish(ad, kind="published")

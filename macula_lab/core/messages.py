@@ -50,6 +50,9 @@ class MessageType(IntEnum):
     STORE_REPLY = 0x45  # new: the reference's STORE had no reply
     REMOVE = 0x46  # new: the reference could not delete remotely
     REMOVE_REPLY = 0x47
+    # lab inspection (new): what the views show, only for holders of the admin token
+    INSPECT = 0x50
+    INSPECT_REPLY = 0x51
 
 
 #: request type -> the reply type that answers it (ERROR may answer any request)
@@ -65,6 +68,7 @@ REPLY_TO: dict[MessageType, MessageType] = {
     MessageType.FIND_VALUE: MessageType.FIND_VALUE_REPLY,
     MessageType.STORE: MessageType.STORE_REPLY,
     MessageType.REMOVE: MessageType.REMOVE_REPLY,
+    MessageType.INSPECT: MessageType.INSPECT_REPLY,
 }
 REPLY_TYPES = frozenset(REPLY_TO.values()) | {MessageType.ERROR}
 
@@ -162,6 +166,13 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
     MessageType.STORE_REPLY: {"id": REQ_ID, "stored": BOOL},
     MessageType.REMOVE: {"id": REQ_ID, "key": NODE_ID, "provider": NODE_ID},
     MessageType.REMOVE_REPLY: {"id": REQ_ID, "removed": BOOL},
+    MessageType.INSPECT: {
+        "id": REQ_ID,
+        "token": STR,
+        "sections": LIST,
+        "since": optional(Field((int, float))),
+    },
+    MessageType.INSPECT_REPLY: {"id": REQ_ID, "snapshot": MAP},
 }
 
 
