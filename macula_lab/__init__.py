@@ -14,6 +14,7 @@ from .errors import (  # noqa: E402
     RealmMismatch,
     RequestTimeout,
 )
+from .lab import Lab  # noqa: E402
 from .node import Node  # noqa: E402
 from .services import AllProvidersFailed, CallTimeout, RemoteError, ServiceNotFound  # noqa: E402
 
@@ -28,6 +29,7 @@ __all__ = [
     "ConnectFailed",
     "ConnectTimeout",
     "MaculaError",
+    "Lab",
     "Node",
     "PeerError",
     "RealmMismatch",

@@ -13,6 +13,7 @@ Views, procedures and widgets use only this API, so they work on both.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -172,7 +173,20 @@ class AttachedNode(LabNode):
         self._check_running()
         return await self.client.inspect(self.token or "", sections, since)
 
-    async def detach(self) -> None:
-        """Close the session (the remote node withdraws what was advertised through it)."""
+    async def detach(self, timeout: float = 5.0) -> None:
+        """Unadvertise what the lab advertised through this node, then close the session.
+
+        The node would withdraw them anyway when the session ends, but in the
+        background: unadvertising first means a caller right after sees them gone.
+        """
+        if self._closed:
+            return
         self._closed = True
-        await self.client.close()
+        try:
+            async with asyncio.timeout(timeout):
+                for service in list(self.client.advertised):
+                    await self.client.unadvertise(service)
+        except (MaculaError, TimeoutError):
+            pass  # the session end still withdraws them on the node
+        finally:
+            await self.client.close()
