@@ -1,0 +1,169 @@
+"""The dashboard in a real browser: JupyterLab + Debian's chromium driven by Playwright.
+
+The test starts JupyterLab on a free port (token, temporary root with a copy of
+``notebooks/lab_dashboard.ipynb``, temporary settings), opens the notebook, runs
+all cells, clicks *advertise* then *call* in the widgets, waits for the result
+text and for the RPC round-trip chart to get its point, and saves a screenshot
+to ``test-artifacts/`` (also on failure, for diagnosis).  It uses the system
+chromium (``/usr/bin/chromium``, installed by ``.ci/run``), never a downloaded
+browser, and is skipped only when that is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "notebooks" / "lab_dashboard.ipynb"
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = os.environ.get("MACULA_CHROMIUM", "/usr/bin/chromium")
+TIMEOUT_MS = 60_000
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM),
+        reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install -y chromium; .ci/run does it)",
+    ),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def jupyterlab(tmp_path):
+    """A JupyterLab server on a free port; yields (base_url, token); stops it and its kernels."""
+    root, settings = tmp_path / "root", tmp_path / "settings"
+    root.mkdir()
+    shutil.copy(NOTEBOOK, root / NOTEBOOK.name)
+    # render every cell (no windowing) so the widgets' DOM is always there to find; no news toast
+    for plugin, values in {
+        "notebook-extension/tracker": {"windowingMode": "none"},
+        "apputils-extension/notification": {"fetchNews": "false"},
+    }.items():
+        path = settings / "@jupyterlab" / f"{plugin}.jupyterlab-settings"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+    port, token = _free_port(), secrets.token_hex(16)
+    env = {
+        **os.environ,
+        "JUPYTERLAB_SETTINGS_DIR": str(settings),
+        "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+    }
+    cmd = [
+        sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root",
+        "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+        "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=", "--ServerApp.open_browser=False",
+    ]  # fmt: skip
+    log = open(tmp_path / "jupyterlab.log", "wb")  # closed in the finally below
+    proc = subprocess.Popen(
+        cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError("JupyterLab exited:\n" + (tmp_path / "jupyterlab.log").read_text())
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    "JupyterLab not up in 60 s:\n" + (tmp_path / "jupyterlab.log").read_text()
+                )
+            time.sleep(0.2)
+        yield base, token
+    finally:
+        # the server and its kernels are in the session we started: stop them all
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # a kernel that outlived the server
+        log.close()
+
+
+KERNEL_IDLE = """() => {
+  const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+  const s = w && w.sessionContext;
+  return !!(s && s.session && s.session.kernel && s.session.kernel.connectionStatus === 'connected'
+            && s.kernelDisplayStatus === 'idle');
+}"""
+
+RTT_POINTS = """() => {
+  const gd = document.querySelector('.macula-metrics .js-plotly-plot');
+  if (!gd || !gd._fullData) return -1;
+  return gd._fullData.filter(t => t.meta === 'rpc_rtt_ms')
+                     .reduce((n, t) => n + (t.y ? t.y.length : 0), 0);
+}"""
+
+
+def test_dashboard_in_chromium(jupyterlab):
+    from playwright.sync_api import sync_playwright
+
+    base, token = jupyterlab
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "browser-dashboard.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 2700})
+        page.set_default_timeout(TIMEOUT_MS)
+        try:
+            page.goto(f"{base}/lab/tree/lab_dashboard.ipynb?token={token}")
+            page.wait_for_function(KERNEL_IDLE, timeout=TIMEOUT_MS)
+            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+
+            advertise = page.locator(".macula-advertise-button")
+            advertise.wait_for(state="visible")
+            advertise.click()
+            page.locator(
+                ".macula-advertise-status", has_text="advertised test.calculator from node-1"
+            ).wait_for()
+
+            assert page.evaluate(RTT_POINTS) <= 0  # no call yet
+            page.locator(".macula-call-button").click()
+            result = page.locator(".macula-call-result")
+            result.filter(has_text='"result": 15').wait_for()
+            assert "node-1" in result.inner_text()
+            page.locator(".macula-call-status", has_text="answered by node-1").wait_for()
+
+            # the metrics chart gets the call's round trip at the next sampling pass
+            page.wait_for_function(f"({RTT_POINTS})() >= 1", timeout=TIMEOUT_MS)
+            page.locator(".macula-metrics .js-plotly-plot .scatterlayer .trace .points path").first.wait_for()
+            page.locator(".macula-ttl-ads", has_text="test.calculator").wait_for()
+            page.locator(".macula-dashboard").scroll_into_view_if_needed()
+            page.screenshot(path=str(shot), full_page=True)
+        except Exception:
+            with contextlib.suppress(Exception):
+                page.screenshot(path=str(ARTIFACTS / "browser-dashboard-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000
