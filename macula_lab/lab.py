@@ -107,6 +107,7 @@ class Lab:
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
+        self._dashboard: Any = None
         self.started_at = time.time()
 
     # ------------------------------------------------------------ building
@@ -499,7 +500,11 @@ class Lab:
         """All the widgets, composed (needs the ``notebook`` extra)."""
         from .widgets import dashboard
 
-        return dashboard(self, **kw)
+        # re-running the cell replaces the dashboard: the old one stops refreshing
+        if self._dashboard is not None:
+            self._dashboard.close()
+        self._dashboard = dashboard(self, **kw)
+        return self._dashboard
 
     def _rows(self) -> list[dict[str, Any]]:
         rows = []

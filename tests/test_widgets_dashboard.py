@@ -32,6 +32,10 @@ async def test_dashboard_composes_the_views_and_closes_them(lab):
     dash.call.call_button.click()
     await dash.call.last_task
     await until(lambda: "ServiceNotFound" in dash.errors_view.value, what="the error listed")
+    # running the cell again replaces the dashboard: the first one stops listening
+    again = lab.dashboard()
+    assert dash.closed and len(lab._listeners) == before + 6
+    again.close()
     widgets = [dash, *dash.views, dash.advertise.advertise_button, dash.metrics.figure, dash.topology.figure]
     dash.close()
     assert len(lab._listeners) == before
