@@ -49,6 +49,7 @@ import gc
 import io
 import logging
 import math
+import os
 import pstats
 import random
 import resource
@@ -512,7 +513,9 @@ async def run_scenario(system: DhtSystem, plan: Plan, args: argparse.Namespace, 
     )
     if profile is not None:
         buf = io.StringIO()
-        pstats.Stats(profile, stream=buf).sort_stats("tottime").print_stats(25)
+        pstats.Stats(profile, stream=buf).sort_stats(os.environ.get("PSORT", "tottime")).print_stats(
+            *([os.environ["PFILTER"]] if os.environ.get("PFILTER") else []), int(os.environ.get("PTOP", "25"))
+        )
         log(f"{tag} profile of the churn lookups (cProfile, by own time):\n{buf.getvalue()}")
 
 

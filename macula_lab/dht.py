@@ -181,9 +181,16 @@ class Dht:
 
     def _on_find_value(self, frame: Frame, peer: PeerInfo):
         key = frame.body["key"]
-        body: dict[str, Any] = {"nodes": self._closest_wire(key, peer.node_id)}
         now = self.now()
         entries = self.records.get(key, now)
+        if entries and not frame.body.get("all"):
+            # the reader stops at the first value (Kademlia's FIND_VALUE): contacts would only
+            # double the reply (20 of them do not fit one QUIC packet) and be thrown away
+            return MessageType.FIND_VALUE_REPLY, {
+                "nodes": [],
+                "value": [e.to_wire(now) for e in entries[:MAX_VALUES_PER_REPLY]],
+            }
+        body: dict[str, Any] = {"nodes": self._closest_wire(key, peer.node_id)}
         if entries:
             body["value"] = [e.to_wire(now) for e in entries[:MAX_VALUES_PER_REPLY]]
         return MessageType.FIND_VALUE_REPLY, body
@@ -289,10 +296,17 @@ class Dht:
             self_id=self.node.node_id,
             find_value=find_value,
             collect_values=collect_values,
+            # reads that stop at the first replica ask the closest contact alone first: in a
+            # warm table it usually holds the record, and one query costs a third of alpha
+            hedged=find_value and not patient,
             now=self.now(),
         )
+        hedge_until = self.now() + self.rtt.hedge_delay() if lk.hedging else None
         mtype = MessageType.FIND_VALUE if find_value else MessageType.FIND_NODE
-        field_name = "key" if find_value else "target"
+        # exhaustive reads (collect_values) go on to the k closest: they need contacts with values
+        query = (
+            {"key": target, "all": True} if collect_values else {"key" if find_value else "target": target}
+        )
         running: dict[asyncio.Task, Contact] = {}
         slow: set[bytes] = set()  # given up on by the soft timeout, query still running
         grace_used = False
@@ -318,9 +332,7 @@ class Dht:
                 self._take(lk, running, finished, find_value)
                 continue
             for contact in lk.next_queries(self.now()):
-                task = self.node.spawn(
-                    self._query(contact, mtype, {field_name: target}), name=f"{self.node.name}:query"
-                )
+                task = self.node.spawn(self._query(contact, mtype, query), name=f"{self.node.name}:query")
                 if task is None:  # the node is stopping
                     lk.on_failure(contact.node_id, self.now())
                     continue
@@ -331,8 +343,16 @@ class Dht:
             soft = self.query_timeout if patient else self.rtt.timeout()
             deadline = lk.next_deadline(soft)
             wait = None if deadline is None else max(0.0, deadline - self.now())
+            if lk.hedging and hedge_until is not None:
+                wait = (
+                    max(0.0, hedge_until - self.now())
+                    if wait is None
+                    else min(wait, max(0.0, hedge_until - self.now()))
+                )
             finished, _ = await asyncio.wait(running, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             self._take(lk, running, finished, find_value)
+            if lk.hedging and hedge_until is not None and self.now() >= hedge_until:
+                lk.widen()  # the first query is slow: ask alpha peers as a plain lookup would
             # slow peers: stop waiting for them in this lookup (their reply still counts if it
             # arrives before the end); the query itself runs on to the hard timeout
             for contact in lk.timed_out(self.now(), soft):
@@ -537,6 +557,9 @@ class Dht:
         }
 
 
+HEDGE_FLOOR = 0.001  # s: below this, widening a hedged read saves nothing
+
+
 class RttEstimator:
     """Smoothed query round-trip time, giving the lookup's *soft* per-query timeout.
 
@@ -563,6 +586,12 @@ class RttEstimator:
         if self.srtt is None:
             return self.ceiling
         return min(self.ceiling, max(self.floor, self.srtt + 4 * self.rttvar))
+
+    def hedge_delay(self) -> float:
+        """How long a hedged read waits on its first query before asking alpha peers (~2 RTT)."""
+        if self.srtt is None:
+            return HEDGE_FLOOR * 5
+        return min(self.timeout(), max(HEDGE_FLOOR, 2 * (self.srtt + self.rttvar)))
 
 
 class _QueryFailed(MaculaError):

@@ -139,6 +139,32 @@ def test_find_value_stops_at_first_value():
     assert r.values == {c(5).node_id: ["provider"]}
 
 
+def test_hedged_read_asks_the_closest_alone_first_then_widens():
+    lk = new_lookup([50, 10, 30, 20], alpha=3, find_value=True, hedged=True)
+    assert lk.hedging and ids(lk.next_queries(0.0)) == [10]
+    assert lk.next_queries(0.0) == []  # one at a time until something happens
+    lk.widen()  # the driver's hedge timer: the first query is slow
+    assert ids(lk.next_queries(0.1)) == [20, 30]
+    lk.on_reply(c(20).node_id, [], 0.2, value=["v"])
+    assert lk.done and lk.result().value == ["v"] and lk.result().contacted == 3
+
+
+def test_hedged_read_widens_on_the_first_reply_or_failure():
+    lk = new_lookup([10, 20, 30], alpha=2, find_value=True, hedged=True)
+    assert ids(lk.next_queries(0.0)) == [10]
+    lk.on_reply(c(10).node_id, [c(5)], 0.1)  # no value, closer news: a plain lookup from here
+    assert not lk.hedging and ids(lk.next_queries(0.1)) == [5, 20]
+    lk2 = new_lookup([10, 20, 30], alpha=2, find_value=True, hedged=True)
+    lk2.next_queries(0.0)
+    lk2.on_failure(c(10).node_id, 0.1)
+    assert ids(lk2.next_queries(0.1)) == [20, 30]
+
+
+def test_exhaustive_reads_are_never_hedged():
+    lk = new_lookup([10, 20, 30], alpha=2, collect_values=True, hedged=True)
+    assert not lk.hedging and ids(lk.next_queries(0.0)) == [10, 20]
+
+
 def test_find_node_ignores_values():
     lk = new_lookup([1], k=1)
     lk.next_queries(0.0)

@@ -21,12 +21,14 @@ from macula_lab.errors import (
     CertificateError,
     ConnectFailed,
     ConnectTimeout,
+    MaculaError,
     NotStarted,
     PeerError,
     RealmMismatch,
     RequestTimeout,
 )
 from macula_lab.node import Node
+from macula_lab.transport.quic import TlsConfig
 
 from .conftest import other_tasks, tls_for
 
@@ -92,6 +94,45 @@ async def test_address_must_be_in_the_certificate(nodes):
     b = await nodes("node-2", listen="quic://127.0.0.2:0")
     with pytest.raises(CertificateError, match="127.0.0.2"):
         await a.ping(b.endpoint)
+
+
+async def test_verified_incoming_session_is_reused_instead_of_dialling(nodes):
+    """B answers A's session with requests of its own: A's certificate vouches for A's endpoint."""
+    a = await nodes("node-1")
+    b = await nodes("node-2")
+    await a.ping(b.endpoint)  # A dials B
+    info = await b.call_procedure(a.endpoint, "macula.info")  # B -> A over A's connection
+    assert info["name"] == "node-1"
+    assert b.transport.stats()["handshakes"] == 0 and b.transport.stats()["reused_incoming"] == 1
+    assert a.transport.stats()["incoming_connections"] == 0
+    assert b.transport.session(a.endpoint).node_id == a.node_id
+    # A's connection goes away: B dials A itself next time
+    await a.transport.pool.close_all()
+    for _ in range(100):
+        if not b.transport._verified_incoming:
+            break
+        await asyncio.sleep(0.01)
+    assert b.transport._verified_incoming == {}
+    assert await b.call_procedure(a.endpoint, "macula.echo", 1) == 1
+    assert b.transport.stats()["handshakes"] == 1
+
+
+async def test_unverified_incoming_sessions_are_not_reused(nodes, certs):
+    b = await nodes("node-2")
+    # a client claiming an endpoint its certificate does not name (127.0.0.2 is not in it)
+    liar = await nodes("node-1", advertise="quic://127.0.0.2:7")
+    await liar.ping(b.endpoint)
+    # an attached client without any certificate
+    plain = Node(name="client", realm="com.test.lab", listen=None, tls=TlsConfig(ca=str(certs["client"].ca)))
+    await plain.start()
+    try:
+        await plain.ping(b.endpoint)
+        assert b.transport.stats()["reused_incoming"] == 0
+        assert b.transport._verified_incoming == {}
+        with pytest.raises(MaculaError):  # B dials the claimed endpoint: nobody there
+            await b.ping("quic://127.0.0.2:7", timeout=0.3)
+    finally:
+        await plain.stop()
 
 
 async def test_realm_mismatch_is_a_named_error(nodes):

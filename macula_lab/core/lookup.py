@@ -101,6 +101,7 @@ class Lookup:
         self_id: bytes,
         find_value: bool = False,
         collect_values: bool = False,
+        hedged: bool = False,
         now: float,
     ) -> None:
         if k < 1 or alpha < 1:
@@ -111,6 +112,10 @@ class Lookup:
         self.self_id = self_id
         self.collect_values = collect_values
         self.find_value = find_value or collect_values
+        # hedged: ask only the closest candidate first; the driver widens to alpha when it
+        # stays silent for a moment (widen()), and any reply or failure widens too
+        self.hedging = hedged and not collect_values
+        self._parallelism = 1 if self.hedging else alpha
         self.started = now
         self._candidates: dict[bytes, _Candidate] = {}
         self._order: list[tuple[int, bytes]] = []  # (distance, id), every candidate ever seen
@@ -130,7 +135,7 @@ class Lookup:
         if self.done:
             return []
         window = self._window()
-        slots = self.alpha - sum(1 for c in window if c.state is _State.IN_FLIGHT)
+        slots = self._parallelism - sum(1 for c in window if c.state is _State.IN_FLIGHT)
         out: list[Contact] = []
         for cand in window:
             if slots <= 0:
@@ -143,11 +148,17 @@ class Lookup:
                 out.append(cand.contact)
         return out
 
+    def widen(self) -> None:
+        """End the hedged start: from now on keep ``alpha`` queries outstanding."""
+        self.hedging = False
+        self._parallelism = self.alpha
+
     def on_reply(self, contact_id: bytes, contacts: Iterable[Contact], now: float, value: Any = None) -> None:
         """``contact_id`` answered with ``contacts`` (and maybe a value)."""
         cand = self._candidates.get(contact_id)
         if cand is None or cand.state is _State.NEW:
             return  # not something we asked
+        self.widen()
         if self._finished_at is not None:
             if cand.state is not _State.FAILED:
                 return  # too late to matter
@@ -173,6 +184,7 @@ class Lookup:
         cand.state = _State.FAILED
         self._failures += 1
         self._last_event = now
+        self.widen()
         self._check_done(now)
 
     def timed_out(self, now: float, per_query_timeout: float) -> list[Contact]:

@@ -156,7 +156,7 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
     },
     MessageType.FIND_NODE: {"id": REQ_ID, "target": NODE_ID},
     MessageType.FIND_NODE_REPLY: {"id": REQ_ID, "nodes": LIST},
-    MessageType.FIND_VALUE: {"id": REQ_ID, "key": NODE_ID},
+    MessageType.FIND_VALUE: {"id": REQ_ID, "key": NODE_ID, "all": optional(BOOL)},  # all: contacts too
     MessageType.FIND_VALUE_REPLY: {
         "id": REQ_ID,
         "nodes": LIST,

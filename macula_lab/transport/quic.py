@@ -38,6 +38,7 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicErrorCode
+from aioquic.tls import verify_certificate
 
 from ..core.codec import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode
 from ..core.endpoint import Endpoint, parse_endpoint
@@ -123,6 +124,7 @@ class MaculaProtocol(QuicConnectionProtocol):
         self.peer: PeerInfo | None = None  # set once the session handshake succeeded
         self.refused: MaculaError | None = None
         self.endpoint = ""  # outgoing: the endpoint we dialled
+        self.verified_endpoint = ""  # incoming: the client's endpoint, vouched for by its certificate
         self.last_used = self._loop.time()
         self.main_stream: int | None = None
         self._streams: dict[int, _Stream] = {}
@@ -325,6 +327,7 @@ class MaculaProtocol(QuicConnectionProtocol):
             if mtype is MessageType.CONNECT_ACK:
                 self.peer = peer
                 self.refused = None
+                self.owner.authenticate_client(self, peer)
                 log.debug("session from %s (%s) at %s", peer.name, peer.short_id, peer.endpoint or "-")
             else:
                 self.refused = RealmMismatch(
@@ -489,6 +492,11 @@ class QuicTransport(Transport):
         self._advertise = advertise
         self._server: QuicServer | None = None
         self._incoming: set[MaculaProtocol] = set()
+        # incoming sessions whose client proved, with a certificate of the lab CA valid for
+        # its claimed endpoint's host, that it is the node listening there: requests to that
+        # endpoint may use them instead of dialling a connection of our own
+        self._verified_incoming: dict[str, MaculaProtocol] = {}
+        self._ca_data: bytes | None = None
         self.handler: RequestHandler | None = None
         self.counters = {
             "requests_sent": 0,
@@ -496,6 +504,7 @@ class QuicTransport(Transport):
             "bad_frames": 0,
             "handshakes": 0,
             "refused_sessions": 0,
+            "reused_incoming": 0,
         }
         self.pool = ConnectionPool(
             self._connect,
@@ -563,6 +572,7 @@ class QuicTransport(Transport):
             self._server.close()
             self._server = None
         self._incoming.clear()
+        self._verified_incoming.clear()
         self._started = False
 
     async def abort(self) -> None:
@@ -581,6 +591,7 @@ class QuicTransport(Transport):
             self._server._transport.close()  # the socket, without QuicServer.close()'s goodbyes
             self._server = None
         self._incoming.clear()
+        self._verified_incoming.clear()
         self._started = False
 
     # ------------------------------------------------------------- requests
@@ -590,12 +601,21 @@ class QuicTransport(Transport):
         if not self._started:
             raise NotStarted("transport is not started")
         timeout = self.request_timeout if timeout is None else timeout
-        conn = self.pool.get_nowait(endpoint) or await self.pool.get(endpoint)
+        conn = self.pool.get_nowait(endpoint)
+        if conn is None:
+            conn = self._verified_incoming.get(endpoint)
+            if conn is not None and not conn.is_closed:
+                self.counters["reused_incoming"] += 1
+            else:
+                conn = await self.pool.get(endpoint)
         self.counters["requests_sent"] += 1
         try:
             reply = await conn.request(mtype, body, timeout)
         except ConnectionClosed:
-            self.pool.discard(endpoint, conn)
+            if conn.outgoing:
+                self.pool.discard(endpoint, conn)
+            else:
+                self._drop_verified(conn)
             raise
         return raise_for_error(reply)
 
@@ -616,7 +636,7 @@ class QuicTransport(Transport):
 
     def session(self, endpoint: str) -> PeerInfo | None:
         """The peer behind a pooled connection, if one is open."""
-        conn = self.pool.peek(endpoint)
+        conn = self.pool.peek(endpoint) or self._verified_incoming.get(endpoint)
         return conn.peer if conn is not None else None
 
     def stats(self) -> dict[str, Any]:
@@ -660,7 +680,45 @@ class QuicTransport(Transport):
     def _incoming_protocol(self, quic: QuicConnection) -> MaculaProtocol:
         proto = MaculaProtocol(quic, owner=self, outgoing=False)
         self._incoming.add(proto)
+        if self.tls.verify and self.tls.ca:
+            _request_client_certificate(quic)
         return proto
+
+    def authenticate_client(self, proto: MaculaProtocol, peer: PeerInfo) -> None:
+        """Mark an incoming session reusable if its client certificate vouches for the claimed endpoint.
+
+        This is the check a dialler makes of a server (chain to the lab CA, host
+        name or IP in the certificate), applied to the endpoint the client says
+        it listens on.  Clients without a certificate (attached notebooks) stay
+        ordinary sessions; nothing is refused here.
+        """
+        tls = getattr(proto._quic, "tls", None)
+        cert = getattr(tls, "_peer_certificate", None)
+        if cert is None or not peer.endpoint or not self.tls.ca:
+            return
+        try:
+            ep = parse_endpoint(peer.endpoint)
+            if self._ca_data is None:
+                with open(self.tls.ca, "rb") as f:
+                    self._ca_data = f.read()
+            verify_certificate(
+                certificate=cert,
+                chain=list(getattr(tls, "_peer_certificate_chain", []) or []),
+                server_name=ep.host,
+                cadata=self._ca_data,
+            )
+        except Exception as exc:  # any doubt: the session is simply not reused
+            log.debug("session from %s not reusable: %s", peer.name or peer.short_id, exc)
+            return
+        old = self._verified_incoming.get(str(ep))
+        if old is None or old.is_closed:
+            self._verified_incoming[str(ep)] = proto
+            proto.verified_endpoint = str(ep)
+
+    def _drop_verified(self, proto: MaculaProtocol) -> None:
+        key = proto.verified_endpoint
+        if key and self._verified_incoming.get(key) is proto:
+            del self._verified_incoming[key]
 
     async def _connect(self, endpoint: str) -> MaculaProtocol:
         """Open a QUIC connection and run the session handshake (both bounded in time)."""
@@ -740,6 +798,7 @@ class QuicTransport(Transport):
                 proto._transport.close()
         else:
             self._incoming.discard(proto)
+            self._drop_verified(proto)
             if proto.peer is not None and self.on_session_closed is not None and not self._closing:
                 self.on_session_closed(proto.peer)
 
@@ -751,3 +810,22 @@ class QuicTransport(Transport):
         if proto._transport is not None:
             await asyncio.sleep(0)  # let the CONNECTION_CLOSE datagram go out
             proto._transport.close()
+
+
+def _request_client_certificate(quic: QuicConnection) -> None:
+    """Make this server connection ask the client for its certificate (TLS CertificateRequest).
+
+    aioquic supports client certificates in its TLS layer but exposes the switch
+    only as a private flag of the TLS context, which exists once the first
+    Initial packet arrives; we set it right there.  A client without a
+    certificate answers with an empty one and the handshake goes on (RFC 8446
+    4.4.2.4).  The server does not verify the chain itself: see
+    :meth:`QuicTransport.authenticate_client`.
+    """
+    initialize = quic._initialize
+
+    def _initialize(peer_cid: bytes) -> None:
+        initialize(peer_cid)
+        quic.tls._request_client_certificate = True
+
+    quic._initialize = _initialize
