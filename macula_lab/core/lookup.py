@@ -31,6 +31,12 @@ Values.  ``find_value=True`` finishes at the first reply carrying a value.
 different subset of) runs to the k closest like a node lookup and gathers the
 value of every responder that had one.
 
+Hedged reads.  ``hedged=True`` (reads that stop at the first value) asks only
+the closest candidate first: in a warm routing table it is usually a replica,
+and one query costs a third of alpha.  Any reply or failure, or the driver's
+hedge timer (:meth:`Lookup.widen`, about two round trips), turns it into a
+plain alpha-parallel lookup, so a dead closest contact costs one hedge delay.
+
 Hops.  Seeds are depth 1; a contact first learned from a responder of depth d
 has depth d + 1 (the smallest such depth if several responders named it).  The
 result's ``hops`` is the depth of the node that ended the search: the first
