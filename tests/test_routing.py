@@ -166,6 +166,25 @@ def test_closest_equals_brute_force(node_ids, self_id, target, n, n_excluded):
     assert got == expected
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=40, unique=True),
+    st.binary(min_size=32, max_size=32),
+    st.data(),
+)
+def test_closest_stays_exact_after_removals(node_ids, target, data):
+    """closest() visits only non-empty buckets: that index must follow removals too."""
+    table = RoutingTable(bytes(32), k=40)
+    for nid in node_ids:
+        table.observe(Contact(nid, "mem://x"), 0.0)
+    gone = data.draw(st.lists(st.sampled_from(node_ids), unique=True))
+    for nid in gone:
+        table.remove(nid)
+    left = [nid for nid in node_ids if nid not in gone and nid != bytes(32)]
+    assert [c.node_id for c in table.closest(target, 40)] == sorted(left, key=lambda x: xor_distance(x, target))
+    assert table._occupied == sorted(table.bucket_sizes())
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.binary(min_size=32, max_size=32))
 def test_closest_to_self_and_to_member(self_id):

@@ -30,6 +30,7 @@ newcomers when a bucket was full):
 
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ class _Bucket:
     last_touched: float | None = None  # last lookup into this range (None: never)
     pinging: bytes | None = None  # id of the contact with an outstanding PingNeeded
     ping_sent: float = 0.0
+    index: int = 0
 
 
 class RoutingTable:
@@ -126,8 +128,11 @@ class RoutingTable:
         self.replacement_size = k if replacement_size is None else replacement_size
         self.max_failures = max_failures
         self.ping_timeout = ping_timeout
-        self._buckets = [_Bucket() for _ in range(ID_BITS)]
+        self._buckets = [_Bucket(index=i) for i in range(ID_BITS)]
         self._count = 0
+        self._occupied: list[
+            int
+        ] = []  # indices of non-empty buckets, ascending (closest() visits only these)
 
     # ------------------------------------------------------------ liveness
     def observe(self, contact: Contact, now: float) -> PingNeeded | None:
@@ -217,15 +222,19 @@ class RoutingTable:
             group.sort(key=lambda c: xor_distance(c.node_id, target))
             out.extend(group)
 
-        if b >= 0:
+        occupied = self._occupied
+        split = bisect.bisect_left(occupied, b) if b >= 0 else 0
+        if split < len(occupied) and occupied[split] == b:
             take((b,))
-            if len(out) < n:
-                take(range(b))
-        for i in range(b + 1, ID_BITS):
+            split_above = split + 1
+        else:
+            split_above = split
+        if len(out) < n and split:
+            take(occupied[:split])  # every bucket below b, together
+        for i in occupied[split_above:]:
             if len(out) >= n:
                 break
-            if self._buckets[i].entries:
-                take((i,))
+            take((i,))
         return out[:n]
 
     def get(self, node_id: bytes) -> Contact | None:
@@ -312,6 +321,8 @@ class RoutingTable:
     def _add(self, bucket: _Bucket, entry: _Entry) -> None:
         bucket.entries[entry.contact.node_id] = entry
         self._count += 1
+        if len(bucket.entries) == 1:
+            bisect.insort(self._occupied, bucket.index)
 
     def _refresh(self, bucket: _Bucket, entry: _Entry, contact: Contact, now: float) -> None:
         entry.contact = contact  # the endpoint may have changed (restart on a new port)
@@ -341,6 +352,8 @@ class RoutingTable:
     def _evict(self, bucket: _Bucket, node_id: bytes) -> None:
         del bucket.entries[node_id]
         self._count -= 1
+        if not bucket.entries:
+            self._occupied.remove(bucket.index)
         if bucket.pinging == node_id:
             bucket.pinging = None
         if bucket.replacements:
