@@ -1,5 +1,5 @@
 # Two commands for a fresh machine (each builds its own virtual environment):
-#   make demo   - the main job: a local multi-node run, end to end
+#   make demo   - the main job: the local multi-node procedure notebook, end to end
 #   make test   - lint + the whole test suite
 VENV   ?= .venv
 PYTHON ?= python3
@@ -15,10 +15,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/macula-lab demo
+	$(BIN)/macula-lab procedure 01_local_multi_node --output-dir procedure-runs
 
 lint: $(STAMP)
 	$(BIN)/ruff check macula_lab tests bench
+	$(BIN)/nbqa ruff notebooks --ignore=B018,E402,F704
 
 test: lint
 	$(BIN)/pytest

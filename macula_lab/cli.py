@@ -4,6 +4,7 @@
     macula-lab certs ...       lab certificate authority and node certificates
     macula-lab ping URL ...    session handshake + PING against a running node
     macula-lab demo            a small local multi-node demo (separate processes)
+    macula-lab procedure NAME  run a procedure notebook (papermill) and print its checklist
 
 This is a process entry point, so it owns its event loop (``asyncio.run``);
 library code never does, so that it runs inside Jupyter kernels.
@@ -19,8 +20,15 @@ import signal
 import sys
 
 from . import __version__
+from .errors import MaculaError
 
 log = logging.getLogger("macula_lab")
+
+
+class ServeError(MaculaError):
+    """A ``--serve`` service could not be advertised at startup (the node exits with 1)."""
+
+    code = "serve_error"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="start 3 local node processes and exercise them")
     p_demo.add_argument("--nodes", type=int, default=3)
     p_demo.add_argument("--keep", action="store_true", help="leave the work directory in place")
+    from .procedures.runner import add_procedure_parser, procedure_main
+
+    add_procedure_parser(sub)
 
     if argv and argv[0] == "certs":  # the certs tool has its own parser
         from .certs import certs_cli
@@ -70,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         return asyncio.run(run_demo(n=args.nodes, keep=args.keep))
+    if args.command == "procedure":
+        return procedure_main(args)
     return 2
 
 
@@ -83,7 +96,6 @@ def _logging(level: str) -> None:
 
 def _run_node(args: argparse.Namespace) -> int:
     from .config import ConfigError, config_from_args
-    from .errors import MaculaError
 
     try:
         config = config_from_args(args).validate()
@@ -108,12 +120,18 @@ async def _serve(config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await node.start()  # joins through the bootstrap peers (retrying in the background)
+    try:
+        await _advertise_builtins(node, config.serve, config.service_ttl, 6 * config.request_timeout)
+    except BaseException:
+        await node.stop()
+        raise
     log.info(
-        "node %s ready: endpoint=%s health=%s contacts=%d",
+        "node %s ready: endpoint=%s health=%s contacts=%d services=%s",
         node.name,
         node.endpoint,
         node.health_port or "off",
         len(node.dht.table),
+        ",".join(config.serve) or "-",
     )
     await stop.wait()
     log.info("node %s: signal received, shutting down", node.name)
@@ -121,8 +139,24 @@ async def _serve(config) -> int:
     return 0
 
 
+async def _advertise_builtins(node, serve: dict[str, str], ttl: float, timeout: float) -> None:
+    """``--serve``: advertise each built-in handler (kinds were checked by the config)."""
+    from .handlers import make_handler
+
+    for name, kind in serve.items():
+        try:
+            async with asyncio.timeout(timeout):
+                ad = await node.advertise(name, make_handler(kind, node.name), ttl=ttl)
+        except TimeoutError:
+            raise ServeError(f"advertising {name} took longer than {timeout:g}s") from None
+        except MaculaError as exc:
+            raise ServeError(f"advertising {name} failed: {type(exc).__name__}: {exc}") from None
+        log.info(
+            "node %s serving %s (%s handler) ttl=%gs replicas=%d", node.name, name, kind, ttl, ad.replicas
+        )
+
+
 async def _ping(args: argparse.Namespace) -> int:
-    from .errors import MaculaError
     from .node import Node
     from .transport.quic import TlsConfig
 

@@ -18,6 +18,12 @@ Rules worth knowing:
 * ``MACULA_BOOTSTRAP`` is a comma- or whitespace-separated list; ``--bootstrap``
   may be repeated and each value may itself be a comma list.  Flags replace the
   environment's list, they do not extend it.
+* ``MACULA_SERVE`` / ``--serve`` lists built-in services the node advertises
+  once it is ready, as ``name=kind`` pairs (comma or whitespace separated,
+  ``--serve`` repeatable): ``math.add=calculator,test.calculator=calculator``.
+  Kinds are those of :mod:`macula_lab.handlers` (calculator, echo, whoami,
+  sleep, fail); an unknown kind or a bad service name is a config error at
+  startup.  ``MACULA_SERVICE_TTL`` (seconds, default 300) is their TTL.
 * ``MACULA_CERTS_DIR`` / ``--certs-dir`` fills in, one by one, whichever of
   cert, key and ca is not set: ``<dir>/<name>.pem``, ``<dir>/<name>.key`` and
   ``<dir>/ca.pem``.
@@ -45,6 +51,7 @@ from typing import Any
 from .core.codec import DEFAULT_MAX_FRAME_SIZE
 from .core.endpoint import Endpoint, parse_endpoint
 from .errors import InvalidEndpoint, MaculaError
+from .handlers import BUILTINS
 
 __all__ = [
     "ConfigError",
@@ -71,6 +78,7 @@ _FALSE = ("0", "false", "no", "off")
 _REALM_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 _NODE_ID_RE = re.compile(r"[0-9a-fA-F]{64}")
 _LIST_SPLIT_RE = re.compile(r"[\s,]+")
+_SERVICE_NAME_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
 class ConfigError(MaculaError, ValueError):
@@ -130,6 +138,8 @@ class NodeConfig:
     request_timeout: float = 5.0
     connect_timeout: float = 5.0
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    serve: dict[str, str] = field(default_factory=dict)  # service name -> built-in handler kind
+    service_ttl: float = 300.0
 
     def validate(self) -> NodeConfig:
         """Check every option; raise :class:`ConfigError` on the first bad one, else return self."""
@@ -260,6 +270,19 @@ def _check_numbers(cfg: NodeConfig) -> None:
         raise _error("max_frame_size", f"must be an integer of bytes in 1..{MAX_FRAME_LIMIT}, got {size!r}")
 
 
+def _check_serve(cfg: NodeConfig) -> None:
+    if not isinstance(cfg.serve, dict):
+        raise _error("serve", f"expected name=kind pairs, got {cfg.serve!r}")
+    for name, kind in cfg.serve.items():
+        if not isinstance(name, str) or not _SERVICE_NAME_RE.fullmatch(name) or len(name) > 255:
+            raise _error("serve", f"bad service name {name!r}: dot-separated segments of [A-Za-z0-9_-]")
+        if kind not in BUILTINS:
+            raise _error("serve", f"unknown handler kind {kind!r} for {name}; one of {', '.join(BUILTINS)}")
+    ttl = cfg.service_ttl
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
+        raise _error("service_ttl", f"must be a number of seconds > 0, got {ttl!r}")
+
+
 _CHECKS: tuple[Callable[[NodeConfig], None], ...] = (
     _check_name,
     _check_realm,
@@ -269,6 +292,7 @@ _CHECKS: tuple[Callable[[NodeConfig], None], ...] = (
     _check_health_listen,
     _check_log_level,
     _check_numbers,
+    _check_serve,
 )
 
 
@@ -311,6 +335,21 @@ def _endpoint_list(value: Any) -> list[str]:
     return [p for part in parts for p in _LIST_SPLIT_RE.split(str(part)) if p]
 
 
+def _services(value: Any) -> dict[str, str]:
+    """``name=kind`` pairs (a string or a list of strings, each a comma list) -> {name: kind}."""
+    if isinstance(value, dict):
+        return dict(value)
+    served: dict[str, str] = {}
+    for pair in _endpoint_list(value):
+        name, sep, kind = pair.partition("=")
+        if not sep or not name or not kind:
+            raise ValueError(f"expected name=kind (like math.add=calculator), got {pair!r}")
+        if name in served and served[name] != kind:
+            raise ValueError(f"{name} given twice ({served[name]} and {kind})")
+        served[name] = kind
+    return served
+
+
 def _log_level(value: Any) -> str:
     return _text(value).upper()
 
@@ -343,6 +382,13 @@ _OPTIONS: dict[str, _Option] = {
     "request_timeout": _Option(_number, "seconds to wait for a reply", "SECONDS"),
     "connect_timeout": _Option(_number, "seconds to wait for a QUIC/TLS handshake", "SECONDS"),
     "max_frame_size": _Option(_integer, "largest frame payload accepted, in bytes", "BYTES"),
+    "serve": _Option(
+        _services,
+        "built-in service to advertise once ready, NAME=KIND (kinds: calculator, echo, whoami, "
+        "sleep, fail); repeat or give a comma list",
+        "NAME=KIND[,...]",
+    ),
+    "service_ttl": _Option(_number, "TTL of the --serve advertisements", "SECONDS"),
 }
 
 
@@ -402,6 +448,8 @@ def _default_text(option: str) -> str:
         return "$HOSTNAME or the host name"
     if option == "advertise":
         return "derived from --listen"
+    if option == "serve":
+        return "none"
     default = NodeConfig.__dataclass_fields__[option].default
     return "none" if default is None or default is dataclasses.MISSING else str(default)
 
@@ -415,7 +463,7 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(
                 flag(option), action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
-        elif option == "bootstrap":
+        elif option in ("bootstrap", "serve"):
             group.add_argument(
                 flag(option), action="append", default=None, metavar=spec.metavar, help=help_text
             )

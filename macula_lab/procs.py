@@ -74,7 +74,16 @@ async def start_node_process(
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, **(env or {})},
     )
-    np = NodeProcess(name, proc)
+    return await wait_ready(NodeProcess(name, proc), timeout)
+
+
+async def wait_ready(np: NodeProcess, timeout: float = 20.0) -> NodeProcess:
+    """Read a started node's output (stdout with stderr merged) until its ready line.
+
+    Fills ``endpoint``, ``health_port`` and ``contacts``, then keeps draining the
+    output in the background.  The process is killed if it is not ready in time.
+    """
+    proc, name = np.proc, np.name
     try:
         async with asyncio.timeout(timeout):
             while True:

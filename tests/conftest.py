@@ -11,6 +11,8 @@ from macula_lab.certs import lab_certs
 from macula_lab.node import Node
 from macula_lab.transport.quic import TlsConfig
 
+pytest_plugins = ["tests.fixtures_netns"]
+
 NAMES = [f"node-{i}" for i in range(1, 41)] + ["client", "raw"]
 
 

@@ -136,3 +136,32 @@ def test_demo_runs_end_to_end():
     r = _cli("demo", timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "FAIL" not in r.stdout and "checks passed" in r.stdout
+
+
+async def test_node_serves_builtin_handlers_from_the_environment(certs):
+    import macula_lab
+
+    d = certs["node-5"].ca.parent
+    env = {"MACULA_SERVE": "math.add=calculator,who.am.i=whoami", "MACULA_SERVICE_TTL": "30"}
+    p = await start_node_process("node-5", _node_args(d), env=env)
+    try:
+        assert any("services=math.add,who.am.i" in line for line in p.lines), p.log_text()
+        client = await macula_lab.connect(p.endpoint, realm=REALM, ca=str(d / "ca.pem"))
+        try:
+            assert await client.call("math.add", {"operation": "add", "a": 10, "b": 5}) == {
+                "result": 15,
+                "node": "node-5",
+            }
+            assert await client.call("who.am.i") == {"node": "node-5"}
+            [provider] = await client.discover("math.add")
+            assert 25 < provider.ttl <= 30 and provider.metadata["node"] == "node-5"  # remaining TTL
+        finally:
+            await client.close()
+    finally:
+        assert await p.stop() == 0
+
+
+def test_unknown_serve_kind_stops_the_node_at_startup():
+    r = _cli("node", "--name", "n", "--insecure", "--serve", "math.add=abacus", env={"MACULA_SERVE": ""})
+    assert r.returncode == 2
+    assert "unknown handler kind 'abacus'" in r.stderr and "MACULA_SERVE" in r.stderr

@@ -361,3 +361,54 @@ def test_valid_tls_and_ids() -> None:
         request_timeout=1,
     ).validate()
     NodeConfig(name="n", ca="/ca.pem").validate()  # verify peers without a client certificate
+
+
+# ------------------------------------------------------------------ built-in services (--serve)
+def test_serve_from_env_is_a_name_kind_list() -> None:
+    env = {"MACULA_SERVE": "math.add=calculator, test.calculator=calculator\n who=whoami"}
+    cfg = config_from_env(env).validate()
+    assert cfg.serve == {"math.add": "calculator", "test.calculator": "calculator", "who": "whoami"}
+    assert cfg.service_ttl == 300.0
+    assert config_from_env({}).serve == {}
+
+
+def test_serve_flag_repeats_takes_comma_lists_and_replaces_env() -> None:
+    env = {"MACULA_SERVE": "from.env=echo"}
+    cfg = parse(["--serve", "a=echo,b=fail", "--serve", "c=sleep"], env).validate()
+    assert cfg.serve == {"a": "echo", "b": "fail", "c": "sleep"}
+    assert parse([], env).serve == {"from.env": "echo"}
+
+
+def test_service_ttl_from_env_and_flag() -> None:
+    assert config_from_env({"MACULA_SERVICE_TTL": "2.5"}).validate().service_ttl == 2.5
+    assert parse(["--service-ttl", "7"], {"MACULA_SERVICE_TTL": "2.5"}).service_ttl == 7.0
+
+
+@pytest.mark.parametrize(
+    ("env", "option", "reason"),
+    [
+        ({"MACULA_SERVE": "math.add=calc"}, "serve", "unknown handler kind 'calc'"),
+        ({"MACULA_SERVE": "math.add"}, "serve", "expected name=kind"),
+        ({"MACULA_SERVE": "=calculator"}, "serve", "expected name=kind"),
+        ({"MACULA_SERVE": "bad..name=echo"}, "serve", "bad service name"),
+        ({"MACULA_SERVE": "a=echo,a=fail"}, "serve", "given twice"),
+        ({"MACULA_SERVICE_TTL": "0"}, "service_ttl", "> 0"),
+        ({"MACULA_SERVICE_TTL": "-3"}, "service_ttl", "> 0"),
+        ({"MACULA_SERVICE_TTL": "inf"}, "service_ttl", "> 0"),
+        ({"MACULA_SERVICE_TTL": "soon"}, "service_ttl", "bad value"),
+    ],
+)
+def test_bad_serve_options_are_config_errors(env: dict, option: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_env(env).validate()
+    message = str(info.value)
+    assert reason in message
+    assert flag_of(option) in message and "MACULA_" + option.upper() in message
+
+
+def test_serve_duplicate_with_same_kind_is_fine() -> None:
+    assert config_from_env({"MACULA_SERVE": "a=echo a=echo"}).validate().serve == {"a": "echo"}
+
+
+def flag_of(option: str) -> str:
+    return "--" + option.replace("_", "-")

@@ -181,7 +181,9 @@ def test_closest_stays_exact_after_removals(node_ids, target, data):
     for nid in gone:
         table.remove(nid)
     left = [nid for nid in node_ids if nid not in gone and nid != bytes(32)]
-    assert [c.node_id for c in table.closest(target, 40)] == sorted(left, key=lambda x: xor_distance(x, target))
+    assert [c.node_id for c in table.closest(target, 40)] == sorted(
+        left, key=lambda x: xor_distance(x, target)
+    )
     assert table._occupied == sorted(table.bucket_sizes())
 
 

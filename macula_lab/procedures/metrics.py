@@ -1,0 +1,147 @@
+"""The seed's "Performance Metrics to Collect", from the lab's metrics table, as numbers and plots.
+
+============================  ==================================================
+seed metric                   source (``lab.metrics()`` rows)
+============================  ==================================================
+DHT Query Latency             ``dht_query_ms`` samples (one per lookup)
+Cache Hit Ratio               ``cache_hits`` / (``cache_hits`` + ``cache_misses``)
+Re-advertisement Reliability  ``readvertise_lateness_ms`` samples (actual - planned)
+Multi-provider Selection      ``selected`` counters, by provider
+Network Latency               ``rpc_rtt_ms`` samples (one per successful call)
+Memory Usage                  ``process_rss_bytes``, ``stored_records``, ``tasks``
+============================  ==================================================
+
+:func:`seed_metrics` gives them as a JSON-able dict (recorded in the report),
+:func:`plot_metrics` as one plotly figure.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..lab import Lab
+
+SEED_METRICS = {
+    "dht_query_latency_ms": "dht_query_ms",
+    "network_latency_ms": "rpc_rtt_ms",
+    "readvertise_lateness_ms": "readvertise_lateness_ms",
+}
+
+
+def seed_metrics(lab: Lab) -> dict[str, Any]:
+    """The seed's metrics over the whole run (latest gauges summed over nodes; samples as quantiles)."""
+    summary = lab.metrics_summary()
+    out: dict[str, Any] = {name: summary.get(metric, {"count": 0}) for name, metric in SEED_METRICS.items()}
+    out["cache_hit_ratio"] = summary.get("cache_hit_ratio", {}).get("last")
+    out["cache_hits"] = summary.get("cache_hits", {}).get("last", 0)
+    out["cache_misses"] = summary.get("cache_misses", {}).get("last", 0)
+    out["provider_selection"] = {
+        k[len("selected[") : -1]: v["last"] for k, v in summary.items() if k.startswith("selected[")
+    }
+    out["memory"] = {
+        "process_rss_bytes": summary.get("process_rss_bytes", {}).get("last"),
+        "stored_records": summary.get("stored_records", {}).get("last"),
+        "tasks": summary.get("tasks", {}).get("last"),
+    }
+    return out
+
+
+def configure_plotly(renderer: str = "plotly_mimetype+notebook") -> None:
+    """Figures as plotly JSON (live in JupyterLab) plus self-contained HTML (static reports, nbconvert)."""
+    import plotly.io as pio
+
+    pio.renderers.default = renderer
+
+
+def plot_metrics(lab: Lab, title: str = "Performance metrics (seed)"):
+    """Six panels: DHT query latency, RPC round trip, re-advertisement lateness, cache hit ratio,
+    provider selection, memory.  Needs plotly and pandas (the ``notebook`` extra)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    table = lab.metrics()
+    names = sorted(set(table["node"])) if len(table) else []
+    fig = make_subplots(
+        rows=2,
+        cols=3,
+        subplot_titles=(
+            "DHT query latency (ms)",
+            "Network latency: RPC round trip (ms)",
+            "Re-advertisement lateness (ms)",
+            "Cache hit ratio",
+            "Multi-provider selection (calls)",
+            "Memory: process RSS (MiB)",
+        ),
+    )
+    panels = [
+        ("dht_query_ms", 1, 1, "markers"),
+        ("rpc_rtt_ms", 1, 2, "markers"),
+        ("readvertise_lateness_ms", 1, 3, "markers+lines"),
+        ("cache_hit_ratio", 2, 1, "lines"),
+    ]
+    for metric, row, col, mode in panels:
+        for node in names:
+            part = table[(table["metric"] == metric) & (table["node"] == node)]
+            if len(part):
+                fig.add_trace(
+                    go.Scatter(
+                        x=part["time"],
+                        y=part["value"],
+                        mode=mode,
+                        name=node,
+                        legendgroup=node,
+                        showlegend=metric == "dht_query_ms" or not _has(table, "dht_query_ms", node),
+                        marker={"color": colour_for(node, names), "size": 5},
+                    ),
+                    row=row,
+                    col=col,
+                )
+    selected = table[table["metric"] == "selected"]
+    if len(selected):
+        last = selected.sort_values("time").groupby(["node", "label"], as_index=False).last()
+        for node in sorted(set(last["node"])):
+            part = last[last["node"] == node]
+            fig.add_trace(
+                go.Bar(
+                    x=part["label"],
+                    y=part["value"],
+                    name=f"from {node}",
+                    legendgroup=node,
+                    showlegend=False,
+                    marker={"color": colour_for(node, names)},
+                ),
+                row=2,
+                col=2,
+            )
+    rss = table[table["metric"] == "process_rss_bytes"]
+    for node in names:
+        part = rss[rss["node"] == node]
+        if len(part):
+            fig.add_trace(
+                go.Scatter(
+                    x=part["time"],
+                    y=part["value"] / 2**20,
+                    mode="lines",
+                    name=node,
+                    legendgroup=node,
+                    showlegend=False,
+                    line={"color": colour_for(node, names)},
+                ),
+                row=2,
+                col=3,
+            )
+    fig.update_layout(title=title, height=620, margin={"t": 80, "l": 40, "r": 20, "b": 40}, barmode="group")
+    return fig
+
+
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+def colour_for(name: str, names: list[str]) -> str:
+    """One colour per node name, stable within a figure."""
+    return PALETTE[names.index(name) % len(PALETTE)] if name in names else "#999"
+
+
+def _has(table, metric: str, node: str) -> bool:
+    return bool(len(table[(table["metric"] == metric) & (table["node"] == node)]))

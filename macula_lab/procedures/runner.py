@@ -1,0 +1,235 @@
+"""``macula-lab procedure NAME -p key value ...``: run a procedure notebook through papermill.
+
+Writes, in ``--output-dir`` (default ``procedure-runs/``):
+
+- ``NAME.ipynb``: the executed notebook (parameters injected by papermill, every
+  output kept, the reports as ``application/json`` outputs);
+- ``NAME.html``: the same as a static HTML report (nbconvert);
+- ``NAME.report.json``: the reports read back from the executed notebook.
+
+Prints the notebook's output while it runs (the procedures print their
+progress) and the checklist summary at the end; the exit code is 0 only when
+the notebook ran to the end, recorded at least one report, and every report
+passed.
+
+Notebooks are found by name (``01``, ``01_local_multi_node`` or
+``local_multi_node``) in, in order: ``$MACULA_LAB_NOTEBOOKS``; the
+``notebooks/`` directory of the source checkout the package runs from
+(editable installs, Binder); ``<prefix>/share/macula-lab/notebooks`` (a
+pip-installed wheel ships them there); ``./notebooks``.  A path to an
+``.ipynb`` file works too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..errors import MaculaError
+from .report import Report, reports_in_notebook
+
+NOTEBOOK_ENV = "MACULA_LAB_NOTEBOOKS"
+DEFAULT_OUTPUT = "procedure-runs"
+
+
+class UnknownProcedure(MaculaError, LookupError):
+    code = "unknown_procedure"
+
+
+def notebook_dirs() -> list[Path]:
+    import macula_lab
+
+    dirs = []
+    if os.environ.get(NOTEBOOK_ENV):
+        dirs.append(Path(os.environ[NOTEBOOK_ENV]))
+    dirs.append(Path(macula_lab.__file__).resolve().parent.parent / "notebooks")
+    dirs.append(Path(sys.prefix) / "share" / "macula-lab" / "notebooks")
+    dirs.append(Path.cwd() / "notebooks")
+    return [d for d in dict.fromkeys(dirs) if d.is_dir()]
+
+
+def available() -> list[Path]:
+    """Every procedure notebook (``NN_name.ipynb``), first directory wins for a name."""
+    seen: dict[str, Path] = {}
+    for d in notebook_dirs():
+        for nb in sorted(d.glob("[0-9][0-9]_*.ipynb")):
+            seen.setdefault(nb.stem, nb)
+    return [seen[k] for k in sorted(seen)]
+
+
+def find_notebook(name: str) -> Path:
+    path = Path(name)
+    if path.suffix == ".ipynb" and path.is_file():
+        return path
+    stem = path.stem if path.suffix == ".ipynb" else name
+    for nb in available():
+        number, _, rest = nb.stem.partition("_")
+        if stem in (nb.stem, number, rest):
+            return nb
+    names = ", ".join(nb.stem for nb in available()) or f"none (searched {[str(d) for d in notebook_dirs()]})"
+    raise UnknownProcedure(f"no procedure notebook {name!r}; available: {names}")
+
+
+def parse_value(text: str) -> Any:
+    """``-p`` values: JSON when they parse (numbers, true/false/null, lists, objects), else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@dataclass
+class ProcedureRun:
+    name: str
+    notebook: Path
+    executed: Path
+    html: Path | None
+    report_json: Path
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    wall: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and bool(self.reports) and all(r.get("passed") for r in self.reports)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else 1
+
+    def summary(self) -> str:
+        lines = [Report.from_dict(r).text() for r in self.reports]
+        if not self.reports:
+            lines.append(f"{self.name}: no report was recorded")
+        if self.error:
+            lines.append(f"{self.name}: the notebook failed: {self.error}")
+        lines.append(
+            f"{self.name}: {'PASSED' if self.passed else 'FAILED'} in {self.wall:.1f}s wall "
+            f"(kernel start included); executed notebook {self.executed}"
+            + (f", HTML report {self.html}" if self.html else "")
+        )
+        return "\n".join(lines)
+
+
+def run_procedure(
+    name: str,
+    parameters: dict[str, Any] | None = None,
+    *,
+    output_dir: str | Path = DEFAULT_OUTPUT,
+    kernel: str = "python3",
+    timeout: float | None = 600,
+    html: bool = True,
+    stream: TextIO | None = None,
+) -> ProcedureRun:
+    """Execute the notebook ``name`` with ``parameters``; see the module docstring."""
+    import nbformat
+    import papermill as pm
+
+    t0 = time.perf_counter()
+    notebook = find_notebook(name)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run = ProcedureRun(
+        notebook.stem,
+        notebook,
+        out / f"{notebook.stem}.ipynb",
+        None,
+        out / f"{notebook.stem}.report.json",
+    )
+    stream = stream or sys.stdout
+    try:
+        pm.execute_notebook(
+            str(notebook),
+            str(run.executed),
+            parameters=dict(parameters or {}),
+            kernel_name=kernel,
+            language="python",
+            progress_bar=False,
+            stdout_file=stream,
+            stderr_file=sys.stderr,
+            execution_timeout=timeout,
+        )
+    except pm.PapermillExecutionError as exc:
+        run.error = f"cell {exc.exec_count}: {exc.ename}: {exc.evalue}"
+    except Exception as exc:  # kernel died, bad parameters, ...: still report what we have
+        run.error = f"{type(exc).__name__}: {exc}"
+    if run.executed.exists():
+        nb = nbformat.read(run.executed, as_version=4)
+        run.reports = reports_in_notebook(nb)
+        if html:
+            from nbconvert import HTMLExporter
+
+            body, _ = HTMLExporter().from_notebook_node(nb)
+            run.html = out / f"{notebook.stem}.html"
+            run.html.write_text(body, encoding="utf-8")
+    run.wall = time.perf_counter() - t0
+    run.report_json.write_text(
+        json.dumps(
+            {
+                "procedure": run.name,
+                "passed": run.passed,
+                "error": run.error,
+                "wall_s": run.wall,
+                "reports": run.reports,
+            },
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
+    return run
+
+
+def add_procedure_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``procedure`` on the ``macula-lab`` subcommands."""
+    p = sub.add_parser(
+        "procedure",
+        help="run a procedure notebook (papermill): executed notebook, HTML report, checklist summary",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("name", nargs="?", help="01, 01_local_multi_node, local_multi_node or a path to a .ipynb")
+    p.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="a notebook parameter (VALUE parsed as JSON when it parses); repeatable",
+    )
+    p.add_argument(
+        "-o", "--output-dir", default=DEFAULT_OUTPUT, help=f"where to write (default {DEFAULT_OUTPUT}/)"
+    )
+    p.add_argument("-k", "--kernel", default="python3", help="Jupyter kernel name (default python3)")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-cell timeout in seconds (default 600)")
+    p.add_argument("--no-html", action="store_true", help="skip the HTML report")
+    p.add_argument("--list", action="store_true", help="list the procedure notebooks and exit")
+    return p
+
+
+def procedure_main(args: argparse.Namespace) -> int:
+    if args.list or not args.name:
+        for nb in available():
+            print(f"{nb.stem:<28} {nb}")
+        return 0 if args.list else 2
+    try:
+        params = {key: parse_value(value) for key, value in args.parameter}
+        run = run_procedure(
+            args.name,
+            params,
+            output_dir=args.output_dir,
+            kernel=args.kernel,
+            timeout=args.timeout,
+            html=not args.no_html,
+        )
+    except UnknownProcedure as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(run.summary(), flush=True)
+    return run.exit_code
