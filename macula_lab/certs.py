@@ -78,12 +78,20 @@ class NodeCert:
 # ----------------------------------------------------------------- validation
 def _is_dns_name(text: str) -> bool:
     """RFC 1123 host name; a leading ``*.`` wildcard label is allowed."""
-    if not text or len(text) > 253:
-        return False
+    if not text or len(text) > 253 or _is_ip(text):
+        return False  # an IP literal in a DNS SAN makes service_identity reject the certificate
     labels = text.split(".")  # no trailing dot: service_identity would never match it
     if labels[0] == "*" and len(labels) > 1:
         labels = labels[1:]
     return all(_DNS_LABEL_RE.fullmatch(label) for label in labels)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_name(name: str) -> str:
@@ -102,6 +110,8 @@ def _check_name(name: str) -> str:
 def _check_dns(names: Iterable[str]) -> list[str]:
     names = [names] if isinstance(names, str) else list(names)
     for name in names:
+        if isinstance(name, str) and _is_ip(name):
+            raise CertsError(f"{name!r} is an IP address, not a DNS name: pass it as an IP (--ip)")
         if not isinstance(name, str) or not _is_dns_name(name):
             raise CertsError(f"invalid DNS name {name!r}")
     return names
@@ -350,7 +360,8 @@ def issue_node_cert(
     """Issue ``D/<name>.pem`` + ``D/<name>.key`` signed by the lab CA in ``D``.
 
     SANs always include ``localhost``, ``127.0.0.1``, ``::1`` and ``name``
-    itself when it is a valid DNS name, so local labs verify out of the box.
+    itself (as a DNS name, or as an IP address when it is one), so local labs
+    verify out of the box.
     """
     _check_name(name)
     _check_days(days)
@@ -366,7 +377,8 @@ def issue_node_cert(
         )
 
     dns_names = _unique(([name] if _is_dns_name(name) else []) + ["localhost"] + extra_dns)
-    ip_addrs = _unique([ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")] + extra_ips)
+    own_ip = [ipaddress.ip_address(name)] if _is_ip(name) else []  # a node named by its address
+    ip_addrs = _unique([ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")] + own_ip + extra_ips)
     key = _new_key()
     cert = _node_certificate(name, key, ca_cert, ca_key, dns_names, ip_addrs, days)
     _write_file(key_path, _key_pem(key), private=True)

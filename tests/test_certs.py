@@ -136,6 +136,16 @@ def test_name_that_is_not_a_dns_label_is_not_a_san(ca_dir: Path) -> None:
     assert info["dns"] == ["localhost"]
 
 
+def test_node_named_by_its_ip_gets_an_ip_san_that_verifies(ca_dir: Path) -> None:
+    # an IP literal in a DNS SAN made service_identity reject the whole certificate
+    node = issue_node_cert(ca_dir, "172.20.0.11")
+    info = describe(node.cert)
+    assert info["dns"] == ["localhost"] and "172.20.0.11" in info["ips"]
+    tls.verify_certificate(load(node.cert), chain=[], server_name="172.20.0.11", cafile=str(node.ca))
+    with pytest.raises(CertsError, match="IP address"):
+        issue_node_cert(ca_dir, "n", dns=["10.0.0.1"])
+
+
 def test_issue_without_ca_says_run_init(tmp_path: Path) -> None:
     with pytest.raises(CertsError, match="macula-lab certs init") as info:
         issue_node_cert(tmp_path, "node1")

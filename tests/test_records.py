@@ -264,7 +264,7 @@ def test_keys_to_hand_over():
     near_key = int_to_id(5)  # we are closest; the far contacts are far
     far_key = int_to_id((1 << 255) | 3)  # far_a/far_b are closest
     newcomer = Contact(int_to_id(4), "mem://new")  # distance 1 from near_key
-    assert keys_to_hand_over([near_key, far_key], newcomer, table) == [near_key]
+    assert keys_to_hand_over([near_key, far_key], newcomer, table, senders=1) == [near_key]
     # a newcomer farther than the k closest we know is not responsible for anything
     stranger = Contact(int_to_id((1 << 255) | (1 << 250)), "mem://s")
     assert keys_to_hand_over([near_key, far_key], stranger, table) == []
@@ -286,8 +286,10 @@ def test_handover_matches_brute_force_responsibility(data):
     key = data.draw(st.binary(min_size=32, max_size=32))
     pool = sorted([self_id, new, *known], key=lambda x: xor_distance(x, key))
     responsible = new in pool[:k]
-    we_are_closest = all(xor_distance(self_id, key) < xor_distance(n, key) for n in known)
-    got = keys_to_hand_over([key], Contact(new, "mem://n"), table, k)
-    assert (got == [key]) == (responsible and we_are_closest)
-    got_all = keys_to_hand_over([key], Contact(new, "mem://n"), table, k, only_if_closest=False)
+    # closer to the key than all but at most senders-1 of the other nodes we know
+    senders = data.draw(st.integers(min_value=1, max_value=4))
+    closer = sum(xor_distance(n, key) < xor_distance(self_id, key) for n in known)
+    got = keys_to_hand_over([key], Contact(new, "mem://n"), table, k, senders=senders)
+    assert (got == [key]) == (responsible and closer < senders)
+    got_all = keys_to_hand_over([key], Contact(new, "mem://n"), table, k, senders=None)
     assert (got_all == [key]) == responsible

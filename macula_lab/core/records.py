@@ -290,21 +290,27 @@ class RecordStore:
         return len(self._data.get(key, {})) < self.max_providers
 
 
+HANDOVER_SENDERS = 3
+
+
 def keys_to_hand_over(
     keys: Iterable[bytes],
     new_contact: Contact,
     table: RoutingTable,
     k: int | None = None,
     *,
-    only_if_closest: bool = True,
+    senders: int | None = HANDOVER_SENDERS,
 ) -> list[bytes]:
     """Keys that ``new_contact`` should now store, per ``table``'s view.
 
     A key qualifies when the newcomer is among the k closest of the nodes we know
-    (our contacts, ourselves and the newcomer).  With ``only_if_closest`` (the
-    default, as in bmuller's kademlia) we also require that we are closer to the
-    key than any other contact we know, so that one node - not all k replicas -
-    sends the STORE; the provider's periodic re-advertisement covers the rest.
+    (our contacts, ourselves and the newcomer).  We also require that we are
+    among the ``senders`` closest of the nodes we know besides the newcomer, so
+    that a few replicas - not all k - send the STORE.  bmuller's kademlia uses one
+    sender (the closest); but when nodes join at the same time the closest may be
+    another newcomer that has not received the record yet, and the key would miss
+    this newcomer until the provider re-advertises (minutes).  Three senders cover
+    two concurrent joins for three STOREs.  ``senders=None``: every replica sends.
     """
     k = table.k if k is None else k
     self_id = table.self_id
@@ -319,7 +325,7 @@ def keys_to_hand_over(
         ranked = sorted([xor_distance(c.node_id, key) for c in others] + [self_distance])
         if len(ranked) >= k and xor_distance(new_id, key) >= ranked[k - 1]:
             continue
-        if only_if_closest and others and xor_distance(others[0].node_id, key) < self_distance:
+        if senders is not None and ranked.index(self_distance) >= senders:
             continue
         out.append(key)
     return out
