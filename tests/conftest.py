@@ -65,3 +65,39 @@ async def stop_all(nodes, timeout: float = 20.0) -> None:
 
 def other_tasks() -> set[asyncio.Task]:
     return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+
+@pytest.fixture
+async def node_processes(certs):
+    """Factory: three ``macula-lab node`` processes on loopback (node-1..3), the nodes of an attached lab.
+
+    ``await node_processes(realm, token)``; all are stopped (SIGTERM) at teardown.
+    """
+    from macula_lab.procs import start_node_process
+
+    started = []
+
+    async def start(realm: str, token: str | None = None, names=("node-1", "node-2", "node-3")):
+        args = [
+            "--listen",
+            "quic://127.0.0.1:0",
+            "--realm",
+            realm,
+            "--certs-dir",
+            str(certs[names[0]].ca.parent),
+        ]
+        args += ["--health-listen", "off", *(["--admin-token", token] if token else [])]
+        first = await start_node_process(names[0], args)
+        started.append(first)
+        rest = await asyncio.gather(
+            *(start_node_process(n, [*args, "--bootstrap", first.endpoint]) for n in names[1:]),
+            return_exceptions=True,
+        )
+        started.extend(p for p in rest if not isinstance(p, BaseException))
+        for p in rest:
+            if isinstance(p, BaseException):
+                raise p
+        return [first, *rest]
+
+    yield start
+    await asyncio.gather(*(p.stop() for p in started))

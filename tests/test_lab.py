@@ -10,7 +10,6 @@ from macula_lab import Lab
 from macula_lab.inspection import Unauthorized
 from macula_lab.lab import LabError, NeedsMemoryNetwork, NoSuchNode
 from macula_lab.lab_nodes import NodeNotRunning
-from macula_lab.procs import start_node_process
 from macula_lab.services import AllProvidersFailed, ServiceNotFound
 
 from .conftest import other_tasks
@@ -143,22 +142,13 @@ async def test_sampling_errors_are_surfaced_not_lost():
 
 
 @pytest.fixture
-async def node_processes(certs):
-    d = certs["node-1"].ca.parent
-    args = ["--listen", "quic://127.0.0.1:0", "--realm", REALM, "--certs-dir", str(d)]
-    args += ["--health-listen", "off", "--admin-token", "s3cret"]
-    procs = [await start_node_process("node-1", args)]
-    procs += await asyncio.gather(
-        *(start_node_process(n, [*args, "--bootstrap", procs[0].endpoint]) for n in ("node-2", "node-3"))
-    )
-    yield procs
-    for p in procs:
-        await p.stop()
+async def mesh_procs(node_processes):
+    return await node_processes(REALM, "s3cret")
 
 
-async def test_attach_to_node_processes(node_processes, certs):
+async def test_attach_to_node_processes(mesh_procs, certs):
     ca = str(certs["client"].ca)
-    urls = [p.endpoint for p in node_processes]
+    urls = [p.endpoint for p in mesh_procs]
     lab = await Lab.attach(urls, realm=REALM, ca=ca, token="s3cret", sample_interval=0.1)
     try:
         assert lab.names == ["node-1", "node-2", "node-3"] and lab.mode == "attached"
@@ -187,9 +177,9 @@ async def test_attach_to_node_processes(node_processes, certs):
 
 
 @pytest.mark.parametrize("token", [None, "", "wrong"])
-async def test_inspection_refuses_missing_or_wrong_token(node_processes, certs, token):
+async def test_inspection_refuses_missing_or_wrong_token(mesh_procs, certs, token):
     lab = await Lab.attach(
-        node_processes[0].endpoint, realm=REALM, ca=str(certs["client"].ca), token=token, sample_interval=None
+        mesh_procs[0].endpoint, realm=REALM, ca=str(certs["client"].ca), token=token, sample_interval=None
     )
     try:
         with pytest.raises(Unauthorized, match="admin token"):

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from macula_lab import Lab
-from macula_lab.procs import start_node_process
 from macula_lab.widgets import Dashboard, dashboard
 
 from .test_widgets_base import REALM, lab_fixture, until  # noqa: F401  (the lab fixture)
@@ -44,25 +41,8 @@ async def test_dashboard_composes_the_views_and_closes_them(lab):
     assert dash.ttl._ticker.done()
 
 
-@pytest.fixture
-async def node_processes(certs):
-    """Three ``macula-lab node`` processes with an admin token (the nodes of an attached lab)."""
-    d = certs["node-1"].ca.parent
-    args = ["--listen", "quic://127.0.0.1:0", "--realm", REALM, "--certs-dir", str(d)]
-    args += ["--health-listen", "off", "--admin-token", "w1dgets"]
-    procs = [await start_node_process("node-1", args)]
-    try:
-        procs += await asyncio.gather(
-            *(start_node_process(n, [*args, "--bootstrap", procs[0].endpoint]) for n in ("node-2", "node-3"))
-        )
-        yield procs
-    finally:
-        for p in procs:
-            await p.stop()
-
-
 async def test_the_same_widgets_drive_an_attached_lab(node_processes, certs):
-    urls = [p.endpoint for p in node_processes]
+    urls = [p.endpoint for p in await node_processes(REALM, "w1dgets")]
     lab = await Lab.attach(
         urls, realm=REALM, ca=str(certs["client"].ca), token="w1dgets", sample_interval=0.2
     )
