@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import random
 import statistics
@@ -17,6 +18,25 @@ from macula_lab.transport.memory import MemoryNetwork
 
 pytestmark = pytest.mark.slow
 REALM = "com.test.scale"
+
+
+@pytest.fixture(autouse=True)
+def quiet_gc():
+    """No full collections while 1,000 nodes share this process.
+
+    After the rest of the suite the heap is large, and a generation-2 pass over
+    it stalls every node at once for longer than the 0.5 s query timeout: joins
+    then drop live contacts (a 1-in-200 miss seen only in full CI runs).  The
+    bench does the same (``gc.freeze()``, see bench/README.md); here gc is simply
+    off for the test and everything is collected afterwards.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.collect()
 
 
 async def build(n: int, *, k: int, seed: int) -> tuple[MemoryNetwork, list[Node]]:

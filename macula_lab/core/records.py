@@ -319,7 +319,7 @@ def keys_to_hand_over(
     for key in keys:
         if len(key) != ID_BYTES:
             continue
-        others = table.closest(key, k, exclude=(new_id,))
+        others = table.closest(key, max(k, senders or 0), exclude=(new_id,))
         self_distance = xor_distance(self_id, key)
         # the k-th closest of {self} + others: the newcomer must beat it
         ranked = sorted([xor_distance(c.node_id, key) for c in others] + [self_distance])
