@@ -34,7 +34,13 @@ async def discovery(ctx: Context) -> list[Check]:
             round(took_ms, 2),
             "ms",
             f"{ctx.consumer} found {names} in the DHT in {took_ms:.1f} ms"
-            + (f" ({hops} hop(s))" if hops is not None else ""),
+            + (f" ({hops} hop(s))" if hops is not None else "")
+            + (
+                f"; 0 hops: {ctx.consumer} is one of the k closest nodes to the key and answers"
+                " from its own replica (every node is, in a mesh smaller than k)"
+                if hops == 0
+                else ""
+            ),
         )
     ]
 
