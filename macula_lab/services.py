@@ -326,6 +326,19 @@ class Services:
                 ad.failures += 1
                 log.warning("%s: re-advertising %s failed: %s", self.node.name, ad.name, exc)
 
+    def stop_readvertising(self, name: str) -> bool:
+        """Fault injection: kill ``name``'s re-advertisement timer but keep serving and listing it.
+
+        What a crashed timer would do: the DHT records lapse after one TTL.  Procedures
+        use it to show that the checklist catches a provider that never re-advertises.
+        Returns False if ``name`` is not advertised here (or its timer is already gone).
+        """
+        ad = self.ads.get(name)
+        if ad is None or ad.task is None or ad.task.done() or ad.task.cancelling():
+            return False
+        ad.task.cancel()
+        return True
+
     async def unadvertise(self, name: str) -> int:
         """Stop serving ``name`` and remove this provider from the DHT; returns replicas that removed it."""
         async with self._lock(name):

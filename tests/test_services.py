@@ -599,3 +599,14 @@ async def test_expired_provider_entries_are_never_returned(nodes):
         await c.call("svc.ephemeral", timeout=0.3)
     key = c.services.key("svc.ephemeral")
     assert [n.name for n in (c, h) if n.dht.get_local(key)] == []
+
+
+async def test_stop_readvertising_keeps_serving_but_lets_records_lapse(nodes):
+    n1 = await nodes("node-1", realm="com.test.svc")
+    n2 = await nodes("node-2", realm="com.test.svc", bootstrap=[n1.endpoint])
+    await n1.advertise("svc.lapse", lambda a: "ok", ttl=1.0)
+    assert n1.services.stop_readvertising("svc.lapse") and not n1.services.stop_readvertising("svc.lapse")
+    assert not n1.services.stop_readvertising("svc.never")
+    await asyncio.sleep(1.3)  # one TTL, no re-advertisement (0.8 s) happened
+    assert "svc.lapse" in n1.services.ads  # still listed and served locally
+    assert await n2.discover("svc.lapse", refresh=True) == []

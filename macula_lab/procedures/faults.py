@@ -30,10 +30,8 @@ def stop_readvertising(lab: Lab, node: str, service: str) -> None:
     handle = lab.node(node)
     if not hasattr(handle, "node"):
         raise FaultNotPossible(f"{node} is attached: its re-advertisement timer runs in its own process")
-    ad = handle.node.services.ads.get(service)
-    if ad is None or ad.task is None:
+    if not handle.node.services.stop_readvertising(service):
         raise FaultNotPossible(f"{node} does not advertise {service}")
-    ad.task.cancel()  # the entry stays advertised and listed; it is just never republished
 
 
 def inject(lab: Lab, faults: dict[str, str] | None, service: str) -> list[str]:
