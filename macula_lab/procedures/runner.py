@@ -154,6 +154,9 @@ def run_procedure(
             stdout_file=stream,
             stderr_file=sys.stderr,
             execution_timeout=timeout,
+            # the kernel talks to us over Unix sockets, not plaintext TCP on loopback
+            # (ipykernel warns about the latter on every start)
+            kernel_manager_class="macula_lab.procedures.runner.IpcKernelManager",
         )
     except pm.PapermillExecutionError as exc:
         run.error = f"cell {exc.exec_count}: {exc.ename}: {exc.evalue}"
@@ -233,3 +236,34 @@ def procedure_main(args: argparse.Namespace) -> int:
     print()
     print(run.summary(), flush=True)
     return run.exit_code
+
+
+def _ipc_kernel_manager():
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IpcKernelManager(AsyncKernelManager):
+        """A kernel on Unix-socket transport, files in a private temp dir."""
+
+        def __init__(self, **kw):
+            kw.setdefault("transport", "ipc")
+            super().__init__(**kw)
+            if not getattr(self, "_ipc_dir", None):
+                import tempfile
+
+                self._ipc_dir = tempfile.mkdtemp(prefix="macula-kernel-")
+                self.ip = os.path.join(self._ipc_dir, "kernel")
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart=restart)
+            if not restart:
+                import shutil
+
+                shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+    return IpcKernelManager
+
+
+def __getattr__(name: str):
+    if name == "IpcKernelManager":  # built lazily: importing jupyter_client is slow
+        return _ipc_kernel_manager()
+    raise AttributeError(name)
