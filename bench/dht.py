@@ -74,6 +74,7 @@ from _common import log, percentile
 from macula_lab.certs import NodeCert, lab_certs
 from macula_lab.core.records import ProviderEntry
 from macula_lab.dht import DEFAULT_QUERY_TIMEOUT, provider_key
+from macula_lab.errors import MaculaError
 from macula_lab.node import Node
 from macula_lab.transport.quic import TlsConfig
 
@@ -87,7 +88,9 @@ KADEMLIA_RPC_TIMEOUT = 5.0  # rpcudp's default wait_timeout (what kademlia.Serve
 
 MACULA = "macula"
 KADEMLIA = "kademlia"
+MACULA_FLOOR = "macula-1req"  # diagnostic, not run by default: see MaculaOneRequest
 ALL_SYSTEMS = (MACULA, KADEMLIA)
+KNOWN_SYSTEMS = (*ALL_SYSTEMS, MACULA_FLOOR)
 
 
 def service_name(key: int) -> str:
@@ -360,9 +363,37 @@ class KademliaSystem(DhtSystem):
         return {what: (counts.get(what, 0) - self._counts0.get(what, 0)) / ops for what in ("rpc timeouts",)}
 
 
+class MaculaOneRequest(MaculaSystem):
+    """Diagnostic floor: a "lookup" is one raw FIND_VALUE request to the closest contact holding the key.
+
+    No lookup state machine, no hedging, no routing-table updates: what the
+    transport alone costs.  If this row is already near kademlia's figure times
+    the target ratio, the gap left is the QUIC request itself, not the DHT code.
+    """
+
+    name = MACULA_FLOOR
+
+    async def lookup(self, node: int, key: int) -> bool:
+        from macula_lab.core.messages import MessageType
+
+        n, kb = self.nodes[node], self.key_bytes(key)
+        if n.dht.get_local(kb):
+            return True
+        for contact in n.dht.table.closest(kb, 20):
+            try:  # churn: a dead contact costs the product's hard query timeout, then the next one
+                reply = await n.request(contact.endpoint, MessageType.FIND_VALUE, {"key": kb}, timeout=0.5)
+            except MaculaError:
+                continue
+            if reply.body.get("value"):
+                return True
+        return False
+
+
 def make_system(name: str, certs: dict[str, NodeCert]) -> DhtSystem:
     if name == MACULA:
         return MaculaSystem(certs)
+    if name == MACULA_FLOOR:
+        return MaculaOneRequest(certs)
     if name == KADEMLIA:
         return KademliaSystem()
     raise ValueError(f"unknown system {name!r}")
@@ -647,6 +678,14 @@ def checks(summaries: list[Summary], args: argparse.Namespace) -> list[Check]:
         v = fig(MACULA, n, "lookup_remote_p50_ms") / fig(KADEMLIA, n, "lookup_remote_p50_ms")
         shown = "n/a" if math.isnan(v) else f"{v:.2f}x"
         out.append(Check(f"  the same, lookups by nodes not holding the key, N={n}", shown, "-", "info"))
+    if MACULA_FLOOR in args.system_list and KADEMLIA in args.system_list:
+        n = args.size_list[0]
+        for metric, label in (("lookup_p50_ms", ""), ("lookup_remote_p50_ms", ", not holding the key")):
+            v = fig(MACULA_FLOOR, n, metric) / fig(KADEMLIA, n, metric)
+            shown = "n/a" if math.isnan(v) else f"{v:.2f}x"
+            out.append(
+                Check(f"{MACULA_FLOOR} (one raw request) / kademlia p50{label}, N={n}", shown, "-", "info")
+            )
     for n in args.size_list:
         if MACULA in args.system_list:
             v = fig(MACULA, n, "churn_p99_ms")
@@ -833,7 +872,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--systems",
         default=",".join(ALL_SYSTEMS),
-        help=f"comma-separated subset to run (default: {','.join(ALL_SYSTEMS)})",
+        help=f"comma-separated systems to run (default: {','.join(ALL_SYSTEMS)}; "
+        f"{MACULA_FLOOR}: one raw request per lookup, the transport's floor)",
     )
     p.add_argument(
         "--no-gc-freeze", action="store_true", help="leave the garbage collector alone (see README)"
@@ -857,7 +897,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--lookups, --churn-lookups and --settle must be >= 0")
     if not 0 <= args.churn < 1:
         p.error("--churn must be in [0, 1)")
-    args.system_list = _common.system_list(p, args.systems, ALL_SYSTEMS, allow_empty=False)
+    args.system_list = _common.system_list(p, args.systems, KNOWN_SYSTEMS, allow_empty=False)
     return args
 
 
