@@ -283,7 +283,7 @@ class Lab:
             del self._nodes[name]
             await node.stop()
             raise
-        node.services.on_event(lambda e: None)  # trace calls: the views show each one
+        node.services.trace_calls = True  # the views show each call as an event
         return handle
 
     async def stop_node(self, name: str) -> None:

@@ -14,6 +14,7 @@ Views, procedures and widgets use only this API, so they work on both.
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -37,20 +38,21 @@ def resolve_handler(handler: str | Callable[[Any], Any], node_name: str) -> Call
     return make_handler(handler, node_name) if isinstance(handler, str) else handler
 
 
-class LabNode:
+class LabNode(ABC):
     """What every lab node offers (see the module docstring)."""
 
     kind = "?"
     name: str
 
     @property
-    def endpoint(self) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def endpoint(self) -> str: ...
 
     @property
-    def running(self) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def running(self) -> bool: ...
 
+    @abstractmethod
     async def advertise(
         self, service: str, handler: str | Callable[[Any], Any], *, ttl: float = 300, metadata=None
     ) -> int:
@@ -58,14 +60,14 @@ class LabNode:
 
         Returns the number of DHT replicas that stored the record.
         """
-        raise NotImplementedError
 
-    async def unadvertise(self, service: str) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    async def unadvertise(self, service: str) -> int: ...
 
-    async def discover(self, service: str, *, refresh: bool = False) -> list[ProviderEntry]:
-        raise NotImplementedError
+    @abstractmethod
+    async def discover(self, service: str, *, refresh: bool = False) -> list[ProviderEntry]: ...
 
+    @abstractmethod
     async def call(
         self,
         service: str,
@@ -76,10 +78,9 @@ class LabNode:
         max_attempts: int | None = None,
     ) -> CallResult:
         """Call ``service`` from this node; the :class:`~macula_lab.services.CallResult` (value, provider, latency)."""
-        raise NotImplementedError
 
-    async def inspect(self, sections: Any = None, since: float = 0.0) -> dict[str, Any]:
-        raise NotImplementedError
+    @abstractmethod
+    async def inspect(self, sections: Any = None, since: float = 0.0) -> dict[str, Any]: ...
 
     def _check_running(self) -> None:
         if not self.running:

@@ -30,7 +30,12 @@ async def test_start_advertise_call_and_stop_leaves_nothing_running():
         snap = lab.snapshots["node-1"]
         [ad] = snap["advertisements"]
         assert ad["service"] == "test.calculator" and ad["interval"] == pytest.approx(24.0)
-        assert {e["kind"] for e in lab.events} >= {"published", "readvertise_scheduled", "discovered"}
+        assert {e["kind"] for e in lab.events} >= {
+            "published",
+            "readvertise_scheduled",
+            "discovered",
+            "called",
+        }
     finally:
         await lab.stop()
     assert lab.stopped and not any(n.running for n in lab.nodes)

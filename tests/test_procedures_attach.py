@@ -14,7 +14,7 @@ from macula_lab.procedures.attach import (
 )
 
 
-def test_lists_and_endpoints():
+async def test_lists_and_endpoints():
     assert as_list("a, b c") == ["a", "b", "c"] and as_list(None) == [] and as_list(["x"]) == ["x"]
     assert compose_endpoints(["node-1", "node-2"]) == ["quic://node-1:9443", "quic://node-2:9443"]
     assert host_endpoints("beam00.lab, beam01.lab:9444, quic://10.0.0.5:1", port=9443) == [
@@ -22,7 +22,7 @@ def test_lists_and_endpoints():
         "quic://beam01.lab:9444",
         "quic://10.0.0.5:1",
     ]
-    assert k8s_endpoints(pods=["10.42.0.7", "10.42.0.8"]) == [
+    assert await k8s_endpoints(pods=["10.42.0.7", "10.42.0.8"]) == [
         "quic://10.42.0.7:9443",
         "quic://10.42.0.8:9443",
     ]

@@ -2,8 +2,8 @@
 
 - Option 2 (Docker Compose): service names -> ``quic://node-1:9443`` (the
   compose network's DNS; from the host use the published addresses instead);
-- Option 3 (k3s): pods found by label (``macula_lab.k8s`` when installed, else
-  ``kubectl get pods -l ... -o json``), or pod addresses given;
+- Option 3 (k3s): pods found by label through the Kubernetes API
+  (:mod:`macula_lab.k8s`), or pod addresses given;
 - Option 4 (hosts): ``beam00.lab``, ``beam00.lab:9443`` or full URLs.
 
 :func:`attach_lab` attaches with retries, so a notebook started together with
@@ -13,9 +13,6 @@ its nodes waits for them (bounded by ``timeout``).
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
-import subprocess
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -55,41 +52,24 @@ def host_endpoints(hosts: str | Iterable[str], port: int = DEFAULT_PORT) -> list
 compose_endpoints = host_endpoints  # compose service names are host names on the compose network
 
 
-def k8s_endpoints(
-    namespace: str = "macula",
-    selector: str = "app.kubernetes.io/name=macula,app.kubernetes.io/component=node",
+async def k8s_endpoints(
+    namespace: str | None = None,
+    selector: str | None = None,
     port: int = DEFAULT_PORT,
     *,
     pods: str | Iterable[str] | None = None,
     kubeconfig: str | None = None,
 ) -> list[str]:
-    """Pods given (names or addresses), else the running pods matching ``selector``."""
+    """Pods given (names or addresses), else the ready pods matching ``selector`` (:mod:`macula_lab.k8s`).
+
+    ``namespace``/``selector`` default to the StatefulSet's (``macula-test``, its labels).
+    """
     given = as_list(pods)
     if given:
         return host_endpoints(given, port)
-    try:
-        from .. import k8s  # the deployments' helper, when present
-    except ImportError:
-        k8s = None
-    if k8s is not None and hasattr(k8s, "pod_endpoints"):
-        return list(
-            k8s.pod_endpoints(namespace=namespace, selector=selector, port=port, kubeconfig=kubeconfig)
-        )
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        raise NoEndpoints("no pods given and no kubectl on PATH: pass pods=[...] or endpoints=[...]")
-    cmd = [kubectl, "get", "pods", "-n", namespace, "-l", selector, "-o", "json"]
-    if kubeconfig:
-        cmd += ["--kubeconfig", kubeconfig]
-    doc = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30).stdout)
-    ips = [
-        item["status"]["podIP"]
-        for item in doc.get("items", [])
-        if item.get("status", {}).get("phase") == "Running" and item["status"].get("podIP")
-    ]
-    if not ips:
-        raise NoEndpoints(f"no running pod matches {selector!r} in namespace {namespace!r}")
-    return host_endpoints(sorted(ips), port)
+    from ..k8s import find_node_endpoints
+
+    return await find_node_endpoints(namespace=namespace, selector=selector, kubeconfig=kubeconfig)
 
 
 async def attach_lab(
