@@ -32,6 +32,7 @@ from .core.records import ProviderEntry, RecordStore, keys_to_hand_over
 from .core.routing import Contact, PingNeeded, RoutingTable
 from .core.session import PeerInfo
 from .errors import InvalidField, MaculaError
+from .transport.base import raise_for_error
 
 if TYPE_CHECKING:
     from .node import Node
@@ -215,13 +216,58 @@ class Dht:
         return MessageType.REMOVE_REPLY, {"removed": removed}
 
     # ---------------------------------------------------------- requests
-    async def _query(self, contact: Contact, mtype: MessageType, body: dict[str, Any]) -> Frame | MaculaError:
-        """One lookup query; failures are returned (and told to the routing table), not raised.
+    def _start_query(
+        self, contact: Contact, mtype: MessageType, body: dict[str, Any], wake: _Wakeup
+    ) -> _Query | None:
+        """Send one lookup query; None if the node is stopping.
 
-        Runs as a node-owned task that may outlive its lookup: a peer the lookup
-        stopped waiting for still gets its reply or its hard timeout recorded, so
-        dead contacts leave the routing table instead of slowing every lookup.
+        Over an open session the request goes out at once and the lookup waits on
+        its reply future: no task or coroutine per query (a task and its nested
+        awaits cost about as much as the DHT logic of a whole lookup).  Otherwise
+        (a connect first) it runs as a node-owned task.  Either way a query may
+        outlive its lookup: a peer the lookup stopped waiting for still gets its
+        reply or its hard timeout recorded, so dead contacts leave the routing
+        table instead of slowing every lookup.
         """
+        body = dict(body)  # its own request id
+        try:
+            fut = self.node.send_request(
+                contact.endpoint, mtype, body, timeout=self.query_timeout, notify=wake
+            )
+        except MaculaError:  # the session closed just now: let the slow path reconnect
+            fut = None
+        if fut is not None:
+            return _Query(fut, contact, self.now(), direct=True)
+        task = self.node.spawn(self._query(contact, mtype, body), name=f"{self.node.name}:query")
+        if task is None:
+            return None
+        task.add_done_callback(wake)
+        return _Query(task, contact, self.now(), direct=False)
+
+    def _outcome(self, q: _Query) -> Frame | MaculaError:
+        """The finished query's reply or failure (a direct one is checked and recorded here)."""
+        if not q.direct:
+            return q.fut.result()  # _query() did the checks
+        if q.fut.cancelled():
+            return _QueryFailed("cancelled")
+        exc = q.fut.exception()
+        try:
+            if exc is not None:
+                raise exc
+            reply = self._checked(q.contact, raise_for_error(q.fut.result()))
+        except Exception as err:
+            self.table.failed(q.contact.node_id, self.now())
+            return err if isinstance(err, MaculaError) else _QueryFailed(f"{type(err).__name__}: {err}")
+        self.rtt.sample(self.now() - q.started)
+        return reply
+
+    def _settle_later(self, q: _Query) -> None:
+        """A direct query the lookup no longer waits for: record its outcome when it ends."""
+        if q.direct and not q.fut.done():
+            q.fut.add_done_callback(lambda _fut: self._outcome(q))
+
+    async def _query(self, contact: Contact, mtype: MessageType, body: dict[str, Any]) -> Frame | MaculaError:
+        """One query as a task (see _start_query); failures are returned, not raised."""
         t0 = self.now()
         try:
             reply = await self._request(contact, mtype, body)
@@ -242,6 +288,10 @@ class Dht:
             ) from None
         except MaculaError as exc:
             raise _QueryFailed(str(exc)) from exc
+        return self._checked(contact, reply)
+
+    def _checked(self, contact: Contact, reply: Frame) -> Frame:
+        """``contact`` answered: still the node we think it is?  Then it is alive."""
         peer = self.node.transport.session(contact.endpoint)
         if peer is not None and peer.node_id != contact.node_id:
             # the endpoint now belongs to another node: the contact is stale
@@ -288,79 +338,87 @@ class Dht:
         more than a slower write.
         """
         find_value = collect_values or kind == "find_value"
+        clock = asyncio.get_running_loop().time
+        now = clock()
+        width = width or self.k
+        # reads that stop at the first replica ask the closest contact alone first: in a
+        # warm table it usually holds the record, and one query costs a third of alpha
+        hedged = find_value and not patient and not collect_values
         lk = Lookup(
             target,
-            self.table.closest(target, width or self.k),
-            k=width or self.k,
+            self.table.closest(target, 1 if hedged else width),
+            k=width,
             alpha=self.alpha,
             self_id=self.node.node_id,
             find_value=find_value,
             collect_values=collect_values,
-            # reads that stop at the first replica ask the closest contact alone first: in a
-            # warm table it usually holds the record, and one query costs a third of alpha
-            hedged=find_value and not patient,
-            now=self.now(),
+            hedged=hedged,
+            # the other seeds only if the read widens (see core.lookup)
+            more_seeds=(lambda: self.table.closest(target, width)) if hedged else None,
+            now=now,
         )
-        hedge_until = self.now() + self.rtt.hedge_delay() if lk.hedging else None
+        hedge_until = now + self.rtt.hedge_delay() if lk.hedging else None
         mtype = MessageType.FIND_VALUE if find_value else MessageType.FIND_NODE
         # exhaustive reads (collect_values) go on to the k closest: they need contacts with values
         query = (
             {"key": target, "all": True} if collect_values else {"key" if find_value else "target": target}
         )
-        running: dict[asyncio.Task, Contact] = {}
+        running: dict[asyncio.Future, _Query] = {}
+        wake = _Wakeup()
         slow: set[bytes] = set()  # given up on by the soft timeout, query still running
         grace_used = False
-        soft = self.query_timeout if patient else self.rtt.timeout()
         while True:
             if lk.done:
                 # before answering, give peers we gave up on one more soft timeout: under
                 # load a live node can be slow, and the answer should not miss it; a dead
                 # one costs this lookup at most that much extra
-                if grace_used or (lk.result().found and not collect_values):
+                if grace_used or (lk.found and not collect_values):
                     break
                 closest = lk.result().closest
                 kth = xor_distance(closest[-1].node_id, target) if len(closest) >= self.k else 1 << 256
                 late = [
-                    t
-                    for t, c in running.items()
-                    if c.node_id in slow and xor_distance(c.node_id, target) < kth
+                    f
+                    for f, q in running.items()
+                    if q.contact.node_id in slow and xor_distance(q.contact.node_id, target) < kth
                 ]
                 if not late:  # only a slow peer that would change the answer is worth waiting for
                     break
                 grace_used = True
+                soft = self.query_timeout if patient else self.rtt.timeout()
                 finished, _ = await asyncio.wait(late, timeout=soft)
                 self._take(lk, running, finished, find_value)
                 continue
-            for contact in lk.next_queries(self.now()):
-                task = self.node.spawn(self._query(contact, mtype, query), name=f"{self.node.name}:query")
-                if task is None:  # the node is stopping
-                    lk.on_failure(contact.node_id, self.now())
+            for contact in lk.next_queries(clock()):
+                q = self._start_query(contact, mtype, query, wake)
+                if q is None:  # the node is stopping
+                    lk.on_failure(contact.node_id, clock())
                     continue
-                running[task] = contact
+                running[q.fut] = q
             if not running:
                 break
             # wake for the first reply, or when the oldest query passes the soft timeout
             soft = self.query_timeout if patient else self.rtt.timeout()
-            deadline = lk.next_deadline(soft)
-            wait = None if deadline is None else max(0.0, deadline - self.now())
-            if lk.hedging and hedge_until is not None:
-                wait = (
-                    max(0.0, hedge_until - self.now())
-                    if wait is None
-                    else min(wait, max(0.0, hedge_until - self.now()))
-                )
-            finished, _ = await asyncio.wait(running, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            wake_at = lk.next_deadline(soft)
+            if hedge_until is not None and lk.hedging and (wake_at is None or hedge_until < wake_at):
+                wake_at = hedge_until
+            finished = {f for f in running if f.done()}
+            if not finished:
+                await wake.wait(wake_at)
+                finished = {f for f in running if f.done()}
             self._take(lk, running, finished, find_value)
-            if lk.hedging and hedge_until is not None and self.now() >= hedge_until:
+            now = clock()
+            if lk.hedging and hedge_until is not None and now >= hedge_until:
                 lk.widen()  # the first query is slow: ask alpha peers as a plain lookup would
             # slow peers: stop waiting for them in this lookup (their reply still counts if it
             # arrives before the end); the query itself runs on to the hard timeout
-            for contact in lk.timed_out(self.now(), soft):
-                lk.on_failure(contact.node_id, self.now())
+            for contact in lk.timed_out(now, soft):
+                lk.on_failure(contact.node_id, now)
                 slow.add(contact.node_id)
         # queries still running (stragglers outside the k closest, or slow peers) are not
         # waited for; they finish on their own within the hard timeout
-        result = lk.result(self.now())
+        for q in running.values():
+            self._settle_later(q)
+        result = lk.result(clock())
         self.lookups.append(
             LookupRecord(
                 kind,
@@ -376,19 +434,23 @@ class Dht:
         return result
 
     def _take(
-        self, lk: Lookup, running: dict[asyncio.Task, Contact], finished: set[asyncio.Task], find_value: bool
+        self,
+        lk: Lookup,
+        running: dict[asyncio.Future, _Query],
+        finished: set[asyncio.Future],
+        find_value: bool,
     ) -> None:
         """Feed finished queries into the lookup."""
-        now = self.now()
-        for task in finished:
-            contact = running.pop(task)
-            outcome = task.result()
+        for fut in finished:
+            q = running.pop(fut)
+            outcome = self._outcome(q)
+            now = self.now()
             if isinstance(outcome, MaculaError):
-                lk.on_failure(contact.node_id, now)
+                lk.on_failure(q.contact.node_id, now)
                 continue
             body = outcome.body
             value = self._parse_values(body.get("value")) if find_value and "value" in body else None
-            lk.on_reply(contact.node_id, self._parse_contacts(body.get("nodes")), now, value=value or None)
+            lk.on_reply(q.contact.node_id, self._parse_contacts(body.get("nodes")), now, value=value or None)
 
     def _touch(self, target: bytes) -> None:
         if target != self.node.node_id:
@@ -596,6 +658,47 @@ class RttEstimator:
 
 class _QueryFailed(MaculaError):
     code = "query_failed"
+
+
+class _Wakeup:
+    """Wakes a lookup when one of its queries ends or a deadline passes.
+
+    Cheaper than ``asyncio.wait`` per round: queries call it directly when their
+    reply arrives (the transport's ``notify``), so the lookup resumes one loop
+    pass sooner, and no callbacks are added and removed on every future.
+    """
+
+    __slots__ = ("_waiter",)
+
+    def __init__(self) -> None:
+        self._waiter: asyncio.Future[None] | None = None
+
+    def __call__(self, *_: Any) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, until: float | None) -> None:
+        """Until called, or until loop time ``until`` (None: no deadline)."""
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = None if until is None else loop.call_at(until, self)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+
+@dataclass(slots=True)
+class _Query:
+    """One lookup query in flight: a reply future (``direct``) or a task running _query()."""
+
+    fut: asyncio.Future
+    contact: Contact
+    started: float
+    direct: bool
 
 
 def _keep_best(best: dict[bytes, ProviderEntry], entry: ProviderEntry) -> None:

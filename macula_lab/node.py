@@ -395,6 +395,20 @@ class Node:
             raise NotStarted(f"node {self.name} is not started")
         return await self.transport.request(endpoint, mtype, body, timeout=timeout)
 
+    def send_request(
+        self,
+        endpoint: str,
+        mtype: MessageType,
+        body: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        notify: Callable[[], None] | None = None,
+    ) -> asyncio.Future[Frame] | None:
+        """:meth:`Transport.send_request`: send at once over an open session, or None."""
+        if not self._started:
+            raise NotStarted(f"node {self.name} is not started")
+        return self.transport.send_request(endpoint, mtype, body, timeout=timeout, notify=notify)
+
     async def ping(self, endpoint: str, *, timeout: float | None = None) -> float:
         """Round-trip time of an app-level PING to ``endpoint`` (seconds)."""
         loop = asyncio.get_running_loop()

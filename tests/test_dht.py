@@ -239,3 +239,36 @@ async def test_lookups_survive_a_quarter_of_the_nodes_dying_silently(mesh):
     )
     assert failures == []
     assert durations[-1] < 3.0  # each dead contact costs at most one per-query timeout (1 s here)
+
+
+async def test_a_read_whose_closest_contact_died_widens_then_records_the_failure(nodes):
+    """A read's first query goes straight out over the open session.  If that peer is dead,
+    the read widens to the others, and the dead peer's timeout still reaches the routing
+    table after the read has returned (the query outlives its lookup)."""
+    a = await nodes("node-1", realm=REALM, k=3, query_timeout=0.4)
+    b = await nodes("node-2", realm=REALM, k=3, bootstrap=[a.endpoint])
+    c = await nodes("node-3", realm=REALM, k=3, bootstrap=[a.endpoint])
+    # a key that node-2 and node-3 are both closer to than node-1 (XOR allows that for some keys)
+    key = next(
+        k
+        for k in (provider_key(REALM, f"svc-{i}") for i in range(1000))
+        if max(xor_distance(b.node_id, k), xor_distance(c.node_id, k)) < xor_distance(a.node_id, k)
+    )
+    dead, alive = sorted((b, c), key=lambda n: xor_distance(n.node_id, key))
+    entry = ProviderEntry(alive.node_id, alive.endpoint, {"v": 1}, 60.0, 1)
+    for holder in (b, c):
+        holder.dht.records.store(key, entry, holder.dht.now())
+    await a.ping(b.endpoint)
+    await a.ping(c.endpoint)
+    found, _ = await a.dht.find(key)  # both alive: one query, answered by the closest
+    assert [e.node_id for e in found] == [alive.node_id]
+    assert a.dht.lookups[-1].contacted == 1
+    await dead.kill()
+    found, result = await a.dht.find(key)
+    assert [e.node_id for e in found] == [alive.node_id]
+    assert result.contacted == 2 and result.failures == 0  # the dead one is pending, not failed
+    row = next(r for r in a.dht.table.snapshot() if r["name"] == dead.name)
+    assert row["failures"] == 0
+    await asyncio.sleep(0.6)  # past the dead node's hard query timeout
+    row = next(r for r in a.dht.table.snapshot() if r["name"] == dead.name)
+    assert row["failures"] == 1

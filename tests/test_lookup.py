@@ -160,6 +160,44 @@ def test_hedged_read_widens_on_the_first_reply_or_failure():
     assert ids(lk2.next_queries(0.1)) == [20, 30]
 
 
+@pytest.mark.parametrize("event", ["value", "no value", "failure", "hedge timer"])
+def test_hedged_read_fetches_the_other_seeds_only_when_it_widens(event):
+    fetched = []
+
+    def more():
+        fetched.append(1)
+        return [c(d) for d in (10, 20, 30)]  # the first seed again, then the others
+
+    lk = new_lookup([10], alpha=2, find_value=True, hedged=True, more_seeds=more)
+    assert ids(lk.next_queries(0.0)) == [10]
+    if event == "value":
+        lk.on_reply(c(10).node_id, [c(5)], 0.1, value=["v"])
+        assert lk.done and lk.result().value == ["v"] and lk.result().hops == 1
+        assert fetched == []  # the common read: one query, no other seeds
+        return
+    if event == "no value":
+        lk.on_reply(c(10).node_id, [], 0.1)
+    elif event == "failure":
+        lk.on_failure(c(10).node_id, 0.1)
+    else:
+        lk.widen()
+    assert fetched == [1]
+    # alpha=2: after the hedge timer the first query is still one of the two in flight
+    assert ids(lk.next_queries(0.1)) == ([20] if event == "hedge timer" else [20, 30])
+    lk.widen()  # widening twice fetches nothing more
+    assert fetched == [1]
+
+
+def test_a_late_value_from_a_timed_out_peer_still_counts():
+    lk = new_lookup([10, 20], alpha=1, find_value=True)
+    lk.next_queries(0.0)
+    lk.on_failure(c(10).node_id, 0.5)  # given up on
+    lk.next_queries(0.5)
+    lk.on_reply(c(10).node_id, [], 0.6, value=["late"])
+    r = lk.result()
+    assert lk.done and r.value == ["late"] and r.failures == 0
+
+
 def test_exhaustive_reads_are_never_hedged():
     lk = new_lookup([10, 20, 30], alpha=2, collect_values=True, hedged=True)
     assert not lk.hedging and ids(lk.next_queries(0.0)) == [10, 20]

@@ -16,6 +16,7 @@ def far(i: int, endpoint: str = "") -> Contact:
 
 
 def full_table(k: int = 3, **kw) -> RoutingTable:
+    kw.setdefault("fresh_for", 0.0)  # these tests are about the pings themselves
     table = RoutingTable(SELF, k, **kw)
     for i in range(k):
         assert table.observe(far(i), now=float(i)) is None
@@ -55,7 +56,17 @@ def test_full_bucket_asks_to_ping_oldest_instead_of_dropping():
     assert table.replacements(255) == [far(10), far(11)]
 
 
-def test_ping_alive_keeps_oldest_and_candidate_waits():
+def test_oldest_heard_from_lately_is_not_pinged():
+    table = full_table(3, fresh_for=30.0)  # contacts last seen at 0, 1 and 2
+    assert table.observe(far(10), 29.0) is None  # far(0) was heard from 29 s ago: alive
+    assert table.replacements(255) == [far(10)]
+    assert far(10).node_id not in table
+    assert table.observe(far(11), 30.0) == PingNeeded(far(0), far(11))  # 30 s: ask it
+    table.ping_result(far(0).node_id, alive=True, now=31.0)
+    assert table.observe(far(12), 31.5) == PingNeeded(far(1), far(12))  # seen at 1.0
+    table.ping_result(far(1).node_id, alive=True, now=31.9)
+    assert table.observe(far(13), 31.9) is None  # the oldest now is far(2), seen 29.9 s ago
+
     table = full_table(3)
     table.observe(far(10), 5.0)
     table.ping_result(far(0).node_id, alive=True, now=6.0)

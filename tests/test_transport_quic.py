@@ -209,7 +209,64 @@ async def test_request_timeouts_are_independent(nodes):
     await long
     assert 1.1 < done["long"] < 2.5
     conn = a.transport.pool.peek(b.endpoint)
-    assert not conn._pending and not conn._deadlines
+    assert not conn._pending
+
+
+async def test_send_request_over_an_open_session(nodes):
+    """The coroutine-free path: a future per request, a synchronous notify, nothing left behind."""
+    a = await nodes("node-1")
+    b = await nodes("node-2")
+
+    async def slow(args, peer):
+        await asyncio.sleep(5)
+
+    b.procedure("test.slow", slow)
+    assert a.send_request(b.endpoint, MessageType.PING, {}) is None  # no session yet: use request()
+    await a.ping(b.endpoint)
+    told: list[str] = []
+    fut = a.send_request(
+        b.endpoint,
+        MessageType.CALL,
+        {"procedure": "macula.echo", "args": 7},
+        notify=lambda: told.append("echo"),
+    )
+    assert (await fut).body["result"] == 7 and told == ["echo"]
+    # a timeout fails the future (and tells), an ERROR reply comes back as a frame
+    fut = a.send_request(
+        b.endpoint,
+        MessageType.CALL,
+        {"procedure": "test.slow", "args": None},
+        timeout=0.2,
+        notify=lambda: told.append("slow"),
+    )
+    with pytest.raises(RequestTimeout):
+        await fut
+    assert told == ["echo", "slow"]
+    err = await a.send_request(b.endpoint, MessageType.CALL, {"procedure": "nope", "args": None})
+    assert err.type is MessageType.ERROR and err.body["code"] == "no_such_procedure"
+    # the end of the connection fails what is in flight
+    fut = a.send_request(b.endpoint, MessageType.CALL, {"procedure": "test.slow", "args": None}, timeout=5)
+    await b.stop()
+    with pytest.raises(MaculaError):
+        await asyncio.wait_for(fut, 3)
+    assert not a.transport.pool.peek(b.endpoint) or not a.transport.pool.peek(b.endpoint)._pending
+
+
+async def test_reply_on_an_idle_connection_carries_the_ack(nodes):
+    """One request after a quiet spell costs two datagrams from the server's side, not three.
+
+    aioquic would send the ACK of the request a millisecond after the reply, in a
+    datagram of its own; the reply to a request on an idle connection carries it.
+    """
+    a = await nodes("node-1")
+    b = await nodes("node-2")
+    await a.ping(b.endpoint)
+    await asyncio.sleep(0.05)  # everything acknowledged, the connection idle
+    (server,) = [p for p in b.transport._incoming if p.peer and p.peer.node_id == a.node_id]
+    sent = server._quic._packet_number
+    await a.ping(b.endpoint)
+    await asyncio.sleep(0.05)  # past aioquic's ACK delay
+    assert server._quic._packet_number - sent == 1  # the reply, with the ACK in it
 
 
 async def test_sync_quick_and_slow_handlers_alone_and_together(nodes):

@@ -36,6 +36,9 @@ the closest candidate first: in a warm routing table it is usually a replica,
 and one query costs a third of alpha.  Any reply or failure, or the driver's
 hedge timer (:meth:`Lookup.widen`, about two round trips), turns it into a
 plain alpha-parallel lookup, so a dead closest contact costs one hedge delay.
+``more_seeds`` lets such a read start from the closest contact alone and fetch
+the other seeds only when it widens: most reads never do, and the k seeds cost
+about as much CPU as the rest of the lookup.
 
 Hops.  Seeds are depth 1; a contact first learned from a responder of depth d
 has depth d + 1 (the smallest such depth if several responders named it).  The
@@ -47,9 +50,10 @@ number of sequential request rounds on the path that found it.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
+from itertools import islice
 from typing import Any
 
 from .ids import ID_BYTES, xor_distance
@@ -108,6 +112,7 @@ class Lookup:
         find_value: bool = False,
         collect_values: bool = False,
         hedged: bool = False,
+        more_seeds: Callable[[], Iterable[Contact]] | None = None,
         now: float,
     ) -> None:
         if k < 1 or alpha < 1:
@@ -124,7 +129,10 @@ class Lookup:
         self._parallelism = 1 if self.hedging else alpha
         self.started = now
         self._candidates: dict[bytes, _Candidate] = {}
-        self._order: list[tuple[int, bytes]] = []  # (distance, id), every candidate ever seen
+        # (distance, id, candidate) of every candidate ever seen, nearest first (ids are
+        # unique, so the candidate itself is never compared)
+        self._order: list[tuple[int, bytes, _Candidate]] = []
+        self._more_seeds = more_seeds
         self._values: dict[bytes, Any] = {}
         self._value_holder: bytes | None = None
         self._contacted = 0
@@ -158,12 +166,26 @@ class Lookup:
         """End the hedged start: from now on keep ``alpha`` queries outstanding."""
         self.hedging = False
         self._parallelism = self.alpha
+        more, self._more_seeds = self._more_seeds, None
+        if more is not None:
+            for seed in more():
+                self._learn(seed, depth=1)
 
     def on_reply(self, contact_id: bytes, contacts: Iterable[Contact], now: float, value: Any = None) -> None:
         """``contact_id`` answered with ``contacts`` (and maybe a value)."""
         cand = self._candidates.get(contact_id)
         if cand is None or cand.state is _State.NEW:
             return  # not something we asked
+        if value is not None and self.find_value and not self.collect_values and self._finished_at is None:
+            # the value ends the read: no need for the other seeds (see widen())
+            if cand.state is _State.FAILED:
+                self._failures -= 1  # a late answer after a timeout: it is alive after all
+            cand.state = _State.ANSWERED
+            self._last_event = now
+            self._values.setdefault(contact_id, value)
+            self._value_holder = contact_id
+            self._finished_at = now
+            return
         self.widen()
         if self._finished_at is not None:
             if cand.state is not _State.FAILED:
@@ -206,6 +228,11 @@ class Lookup:
     def done(self) -> bool:
         return self._finished_at is not None
 
+    @property
+    def found(self) -> bool:
+        """A value has arrived (``find_value`` mode)."""
+        return bool(self._values)
+
     def in_flight(self) -> list[Contact]:
         """Every outstanding query, stragglers included."""
         return [c.contact for c in self._candidates.values() if c.state is _State.IN_FLIGHT]
@@ -217,7 +244,7 @@ class Lookup:
 
     def result(self, now: float | None = None) -> LookupResult:
         """The outcome so far (final once :attr:`done`)."""
-        answered = [c for _, nid in self._order if (c := self._candidates[nid]).state is _State.ANSWERED]
+        answered = [c for _, _, c in self._order if c.state is _State.ANSWERED]
         closest = answered[: self.k]
         if self._value_holder is not None and not self.collect_values:
             hops = self._candidates[self._value_holder].depth
@@ -249,19 +276,17 @@ class Lookup:
                 known.depth = depth
             return
         distance = xor_distance(nid, self.target)
-        self._candidates[nid] = _Candidate(contact, distance, depth)
-        bisect.insort(self._order, (distance, nid))
+        cand = self._candidates[nid] = _Candidate(contact, distance, depth)
+        order = self._order
+        if not order or order[-1][0] < distance:
+            order.append((distance, nid, cand))  # seeds come nearest first: no search
+        else:
+            bisect.insort(order, (distance, nid, cand))
 
     def _window(self) -> list[_Candidate]:
         """The k closest candidates that have not failed, nearest first."""
-        window: list[_Candidate] = []
-        for _, nid in self._order:
-            cand = self._candidates[nid]
-            if cand.state is not _State.FAILED:
-                window.append(cand)
-                if len(window) == self.k:
-                    break
-        return window
+        failed = _State.FAILED
+        return list(islice((c for _, _, c in self._order if c.state is not failed), self.k))
 
     def _check_done(self, now: float) -> None:
         if self._finished_at is not None:

@@ -16,8 +16,13 @@ newcomers when a bucket was full):
 * :meth:`RoutingTable.observe` - we heard from a contact.  Known: move to the
   tail.  Room: append.  Full: the newcomer goes to the replacement cache and the
   table returns :class:`PingNeeded` for the bucket's least-recently-seen contact
-  (one outstanding ping per bucket).  Long-lived contacts are preferred because
-  they are the likeliest to stay up; eviction only happens after the ping fails.
+  (one outstanding ping per bucket), unless that contact was heard from within
+  ``fresh_for`` seconds (default 60): it is known to be alive, so the ping would
+  only confirm it (BEP 5 calls such contacts "good").  Without this rule every
+  request from a stranger to a node with a full bucket cost a ping: 0.28 extra
+  round trips per lookup in ``bench/dht.py`` at N=60.  Long-lived contacts are
+  preferred because they are the likeliest to stay up; eviction only happens
+  after the ping fails.
 * :meth:`RoutingTable.ping_result` - alive: the old contact moves to the tail,
   the newcomer waits in the cache.  Dead: evict it and promote the most recent
   replacement.
@@ -43,6 +48,8 @@ DEFAULT_K = 20
 DEFAULT_MAX_FAILURES = 2
 #: a PingNeeded that got no ping_result within this time may be issued again
 DEFAULT_PING_TIMEOUT = 10.0
+#: a contact heard from within this time is not pinged to make room for a newcomer
+DEFAULT_FRESH_FOR = 60.0
 DEFAULT_REFRESH_INTERVAL = 3600.0
 MAX_ENDPOINT_LEN = 256
 MAX_NAME_LEN = 128
@@ -118,6 +125,7 @@ class RoutingTable:
         replacement_size: int | None = None,
         max_failures: int = DEFAULT_MAX_FAILURES,
         ping_timeout: float = DEFAULT_PING_TIMEOUT,
+        fresh_for: float = DEFAULT_FRESH_FOR,
     ) -> None:
         if k < 1:
             raise ValueError("k must be >= 1")
@@ -128,6 +136,7 @@ class RoutingTable:
         self.replacement_size = k if replacement_size is None else replacement_size
         self.max_failures = max_failures
         self.ping_timeout = ping_timeout
+        self.fresh_for = fresh_for
         self._buckets = [_Bucket(index=i) for i in range(ID_BITS)]
         self._count = 0
         self._occupied: list[
@@ -344,7 +353,10 @@ class RoutingTable:
         # one outstanding ping per bucket, re-issued only if the driver never answered
         if bucket.pinging is not None and now - bucket.ping_sent < self.ping_timeout:
             return None
-        oldest = next(iter(bucket.entries.values())).contact
+        entry = next(iter(bucket.entries.values()))
+        if now - entry.last_seen < self.fresh_for:
+            return None  # heard from lately (and the others more lately still): alive
+        oldest = entry.contact
         bucket.pinging = oldest.node_id
         bucket.ping_sent = now
         return PingNeeded(oldest, candidate)

@@ -10,6 +10,7 @@ first time it talks to an endpoint; handlers see the caller's :class:`PeerInfo`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -61,6 +62,26 @@ class Transport(ABC):
         refuses the session, and a :class:`~macula_lab.errors.TransportError`
         (timeout, unreachable, certificate, closed) otherwise.
         """
+
+    def send_request(
+        self,
+        endpoint: str,
+        mtype: MessageType,
+        body: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        notify: Callable[[], None] | None = None,
+    ) -> asyncio.Future[Frame] | None:
+        """Send over an already open session at once; the future gets the raw reply.
+
+        A fast path for callers that wait on many requests (DHT lookups): no
+        coroutine or task per request.  Returns None when there is no open
+        session (or the transport has no such path): then use :meth:`request`.
+        The reply is not checked (see :func:`raise_for_error`); the future fails
+        with a :class:`~macula_lab.errors.TransportError` on timeout or close.
+        ``notify()`` is called synchronously right after the future completes.
+        """
+        return None
 
     @abstractmethod
     async def connect(self, endpoint: str) -> PeerInfo:

@@ -28,10 +28,11 @@ import dataclasses
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from aioquic import tls
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer, serve
 from aioquic.quic import events
@@ -84,6 +85,9 @@ STREAM_MODES = ("multiplex", "per-request")
 #: an ERROR ``busy`` (a peer cannot make us spawn unbounded tasks).
 MAX_INFLIGHT_PER_CONNECTION = 1024
 _ZERO_ID = bytes(16)
+#: A request arriving after this long without one (an idle connection) gets its ACK
+#: in the reply's packet instead of a datagram of its own; see _ack_now()
+ACK_BATCH_WINDOW = 0.002
 # QUIC application error codes (stream resets / connection close)
 APP_ERR_BAD_FRAME = 0x1
 APP_ERR_REALM = 0x2
@@ -114,6 +118,30 @@ class _Stream:
         self.dead = False
 
 
+class _Waiting:
+    """A request in flight: its reply future, deadline, and who to tell when it ends."""
+
+    __slots__ = ("fut", "stream_id", "deadline", "mtype", "timeout", "notify")
+
+    def __init__(self, fut, stream_id, deadline, mtype, timeout, notify):
+        self.fut: asyncio.Future[Frame] = fut
+        self.stream_id: int = stream_id
+        self.deadline: float = deadline
+        self.mtype: MessageType = mtype
+        self.timeout: float = timeout
+        self.notify: Callable[[], None] | None = notify
+
+    def settle(self, result: Frame | None = None, exc: BaseException | None = None) -> None:
+        if self.fut.done():  # the requester gave up (cancelled)
+            return
+        if exc is None:
+            self.fut.set_result(result)
+        else:
+            self.fut.set_exception(exc)
+        if self.notify is not None:
+            self.notify()
+
+
 class MaculaProtocol(QuicConnectionProtocol):
     """One QUIC connection, either side.  Decodes frames, serves requests, matches replies."""
 
@@ -128,16 +156,16 @@ class MaculaProtocol(QuicConnectionProtocol):
         self.last_used = self._loop.time()
         self.main_stream: int | None = None
         self._streams: dict[int, _Stream] = {}
-        self._pending: dict[bytes, tuple[asyncio.Future[Frame], int]] = {}
-        # request timeouts: rid -> (deadline, future, type, timeout), and one timer for the
-        # earliest deadline; a timer per request (heap push + cancel) cost ~2% of latency
-        self._deadlines: dict[bytes, tuple[float, asyncio.Future[Frame], MessageType, float]] = {}
+        # requests in flight by request id, and one timer for the earliest deadline (a
+        # timer per request, heap push + cancel, cost ~2% of latency)
+        self._pending: dict[bytes, _Waiting] = {}
         self._expiry: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
         self.terminated: events.ConnectionTerminated | None = None
         # see transmit(): whether to flush later in this loop pass, and the scheduled flush
         self._defer_flush = False
         self._flush_handle: asyncio.Handle | None = None
+        self._last_request_at = float("-inf")  # see _ack_now()
 
     # ------------------------------------------------------------ requests
     @property
@@ -146,6 +174,28 @@ class MaculaProtocol(QuicConnectionProtocol):
 
     async def request(self, mtype: MessageType, body: dict[str, Any], timeout: float) -> Frame:
         """Send one request on this connection and wait for its reply."""
+        fut = self.send_request(mtype, body, timeout)
+        try:
+            return await fut
+        finally:  # cancelled by the caller: forget it now rather than at its deadline
+            self._pending.pop(body["id"], None)
+
+    def send_request(
+        self,
+        mtype: MessageType,
+        body: dict[str, Any],
+        timeout: float,
+        notify: Callable[[], None] | None = None,
+    ) -> asyncio.Future[Frame]:
+        """Send one request now; the future gets the reply frame.
+
+        Or :class:`RequestTimeout` after ``timeout``, or :class:`ConnectionClosed`.
+        Every way it completes also clears its bookkeeping, so a caller may keep
+        the future without awaiting it (the DHT lets a straggler run on this way).
+        ``notify`` is called right after the future completes, synchronously: a
+        caller waiting on several requests wakes one loop pass sooner than through
+        the future's done callbacks (which ``asyncio.wait`` relays once more).
+        """
         if self.is_closed:
             raise ConnectionClosed(f"connection to {self.endpoint or 'peer'} is closed")
         rid = body.get("id")
@@ -158,24 +208,23 @@ class MaculaProtocol(QuicConnectionProtocol):
         else:
             stream_id = self.main_stream
         fut: asyncio.Future[Frame] = self._loop.create_future()
-        self._pending[rid] = (fut, stream_id)
         self.last_used = now = self._loop.time()
         deadline = now + timeout
-        self._deadlines[rid] = (deadline, fut, mtype, timeout)
+        self._pending[rid] = _Waiting(fut, stream_id, deadline, mtype, timeout, notify)
         if self._expiry is None or deadline < self._expiry.when():
             self._arm_expiry(deadline)
         try:
             self._quic.send_stream_data(stream_id, data, end_stream=per_request)
-            if len(self._pending) == 1:
-                # the only request in flight: send now rather than one loop pass later
-                # (transmit() joins a flush that is already scheduled, if any)
-                self.transmit()
-            else:  # others are being sent too: let them share datagrams
-                self._flush_soon()
-            return await fut
-        finally:
-            self._pending.pop(rid, None)
-            self._deadlines.pop(rid, None)
+        except BaseException:
+            del self._pending[rid]
+            raise
+        if len(self._pending) == 1:
+            # the only request in flight: send now rather than one loop pass later
+            # (transmit() joins a flush that is already scheduled, if any)
+            self.transmit()
+        else:  # others are being sent too: let them share datagrams
+            self._flush_soon()
+        return fut
 
     def _arm_expiry(self, when: float) -> None:
         if self._expiry is not None:
@@ -187,16 +236,13 @@ class MaculaProtocol(QuicConnectionProtocol):
         self._expiry = None
         now = self._loop.time()
         earliest = None
-        for rid, (deadline, fut, mtype, timeout) in list(self._deadlines.items()):
-            if deadline <= now:
-                del self._deadlines[rid]
-                if not fut.done():
-                    where = self.endpoint or self._peer_label()
-                    fut.set_exception(
-                        RequestTimeout(f"{mtype.name} to {where} got no reply within {timeout:g}s")
-                    )
-            elif earliest is None or deadline < earliest:
-                earliest = deadline
+        for rid, w in list(self._pending.items()):
+            if w.deadline <= now:
+                del self._pending[rid]
+                where = self.endpoint or self._peer_label()
+                w.settle(exc=RequestTimeout(f"{w.mtype.name} to {where} got no reply within {w.timeout:g}s"))
+            elif earliest is None or w.deadline < earliest:
+                earliest = w.deadline
         if earliest is not None:
             self._arm_expiry(earliest)
 
@@ -206,7 +252,8 @@ class MaculaProtocol(QuicConnectionProtocol):
         body = connect_body(identity)
         rid = body["id"]
         fut: asyncio.Future[Frame] = self._loop.create_future()
-        self._pending[rid] = (fut, self.main_stream)
+        # (no deadline here: asyncio.timeout below bounds the handshake)
+        self._pending[rid] = _Waiting(fut, self.main_stream, float("inf"), MessageType.CONNECT, timeout, None)
         end = self.owner.stream_mode == "per-request"
         self._quic.send_stream_data(self.main_stream, encode(MessageType.CONNECT, body), end_stream=end)
         self.transmit()
@@ -284,6 +331,20 @@ class MaculaProtocol(QuicConnectionProtocol):
                 self._send_fin(stream_id)
             self._maybe_forget(stream_id, st)  # (only the end of the stream can make it forgettable)
 
+    def _ack_now(self) -> None:
+        """Let the next packet we send carry the ACK of what we received (a reply, usually).
+
+        aioquic delays ACKs by 1 ms and then sends them in a datagram of their own.
+        On a busy connection that batches many packets into one ACK; but a request
+        on an idle connection (a DHT query, typically) would get a datagram of its
+        own for the ACK a millisecond after the reply: a fourth packet for one
+        request/reply, built, encrypted, sent, received and processed.  So the reply
+        to such a request carries the ACK.
+        """
+        space = self._quic._spaces.get(tls.Epoch.ONE_RTT)  # aioquic internals (tested)
+        if space is not None and space.ack_at is not None:
+            space.ack_at = self._loop.time()
+
     def _peer_initiated(self, stream_id: int) -> bool:
         # QUIC stream ids: bit 0 is 0 for client-initiated, 1 for server-initiated streams
         return (stream_id & 1) == (1 if self.outgoing else 0)
@@ -304,15 +365,19 @@ class MaculaProtocol(QuicConnectionProtocol):
             )
             return
         if item.type in REPLY_TYPES:
-            waiter = self._pending.get(item.body["id"])
-            if waiter is not None and not waiter[0].done():
-                waiter[0].set_result(item)
+            waiting = self._pending.pop(item.body["id"], None)
+            if waiting is not None:
+                waiting.settle(item)
                 self._defer_flush = True  # the requester may send again: flush after it
             return  # a late or unknown reply is dropped (its requester gave up)
         self._on_request(stream_id, st, item)
 
     def _on_request(self, stream_id: int, st: _Stream, frame: Frame) -> None:
         rid = frame.body["id"]
+        now = self._loop.time()
+        if now - self._last_request_at > ACK_BATCH_WINDOW:
+            self._ack_now()
+        self._last_request_at = now
         if frame.type is MessageType.CONNECT:
             if self.outgoing:
                 self._send(
@@ -408,19 +473,22 @@ class MaculaProtocol(QuicConnectionProtocol):
 
     def _on_reset(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
-        for _rid, (fut, sid) in list(self._pending.items()):
-            if sid == stream_id and not fut.done():
-                fut.set_exception(ConnectionClosed(f"peer reset stream {stream_id}"))
+        for rid, w in list(self._pending.items()):
+            if w.stream_id == stream_id:
+                del self._pending[rid]
+                w.settle(exc=ConnectionClosed(f"peer reset stream {stream_id}"))
 
     def _on_terminated(self, event: events.ConnectionTerminated) -> None:
         self.terminated = event
         exc = self.owner.termination_error(self, event)
-        for fut, _sid in self._pending.values():
-            if not fut.done():
-                fut.set_exception(exc)
-        self._pending.clear()
+        self._fail_pending(exc)
         self._cancel_handlers()
         self.owner.forget(self)
+
+    def _fail_pending(self, exc: MaculaError) -> None:
+        pending, self._pending = self._pending, {}
+        for w in pending.values():
+            w.settle(exc=exc)
 
     def _cancel_handlers(self) -> None:
         # one pass later: a handler task created in this pass has not started yet, and
@@ -441,10 +509,7 @@ class MaculaProtocol(QuicConnectionProtocol):
         """Vanish without a CONNECTION_CLOSE: the peer only notices by timing out."""
         self._drop_connected_waiter()
         self._cancel_handlers()
-        for fut, _sid in self._pending.values():
-            if not fut.done():
-                fut.set_exception(ConnectionClosed("connection aborted locally"))
-        self._pending.clear()
+        self._fail_pending(ConnectionClosed("connection aborted locally"))
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -618,6 +683,31 @@ class QuicTransport(Transport):
                 self._drop_verified(conn)
             raise
         return raise_for_error(reply)
+
+    def send_request(
+        self,
+        endpoint: str,
+        mtype: MessageType,
+        body: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        notify: Callable[[], None] | None = None,
+    ) -> asyncio.Future[Frame] | None:
+        """Send over an open session now, without a coroutine; None if there is none.
+
+        The future's result is the reply as received: an ERROR reply is not
+        raised (see :func:`~.base.raise_for_error`).
+        """
+        if not self._started:
+            raise NotStarted("transport is not started")
+        conn = self.pool.get_nowait(endpoint)
+        if conn is None:
+            conn = self._verified_incoming.get(endpoint)
+            if conn is None or conn.is_closed:
+                return None
+            self.counters["reused_incoming"] += 1
+        self.counters["requests_sent"] += 1
+        return conn.send_request(mtype, body, self.request_timeout if timeout is None else timeout, notify)
 
     async def connect(self, endpoint: str) -> PeerInfo:
         if not self._started:
