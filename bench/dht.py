@@ -556,7 +556,7 @@ async def run_all(args: argparse.Namespace) -> list[Scenario]:
         names = [f"node-{i}" for i in range(1, max(args.size_list) + 1)]
         certs = lab_certs(tmp, names) if MACULA in args.system_list else {}
         for n in args.size_list:
-            for rnd in range(1, args.rounds + 1):
+            for rnd in range(1, args.rounds_for[n] + 1):
                 plan = make_plan(n, args, rnd)
                 for name in args.system_list:
                     res = Scenario(name, n, rnd)
@@ -737,7 +737,7 @@ def report(summaries: list[Summary], cs: list[Check], env: dict[str, Any], args:
         f"workload: N in {args.size_list}, {args.keys} keys stored, {args.lookups} lookups, then "
         f"{round(100 * args.churn)}% of the nodes stopped silently and {args.churn_lookups} lookups from "
         f"survivors; k={K}, alpha={ALPHA}; seed {args.seed}; one operation at a time; "
-        f"median of {args.rounds} round(s)",
+        "median of " + ", ".join(f"{r} round(s) at N={n}" for n, r in args.rounds_for.items()),
         f"note: macula = QUIC + TLS 1.3, certificates verified against a lab CA, per-query timeout "
         f"{DEFAULT_QUERY_TIMEOUT:g} s (product default); kademlia = plain UDP, no authentication, "
         f"RPC timeout {KADEMLIA_RPC_TIMEOUT:g} s (package default).  All N nodes share one process and "
@@ -812,10 +812,8 @@ def write_json(
         "config": {
             "sizes": args.size_list,
             "systems": args.system_list,
-            **{
-                k: getattr(args, k)
-                for k in ("keys", "lookups", "churn_lookups", "churn", "seed", "rounds", "quick")
-            },
+            **{k: getattr(args, k) for k in ("keys", "lookups", "churn_lookups", "churn", "seed", "quick")},
+            "rounds": {str(n): r for n, r in args.rounds_for.items()},
             "k": K,
             "alpha": ALPHA,
             "gc_freeze": _GC_FREEZE,
@@ -862,7 +860,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--seed", type=int, default=1, help="seed of the plan: who stores / looks up what (default 1)"
     )
-    p.add_argument("--rounds", type=int, default=1, help="repetitions; the median is reported (default 1)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="repetitions at every N; the median is reported (default: 3 at the smallest N, whose "
+        "lookup p50 ratio is the target, so that one noisy episode cannot decide it; 1 at the "
+        "others; --quick: 1)",
+    )
     p.add_argument(
         "--settle", type=float, default=1.0, help="pause after the build and the stores (s, default 1)"
     )
@@ -892,7 +897,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
     if not args.size_list or min(args.size_list) < 2:
         p.error("--sizes: every size must be >= 2")
-    _common.require_positive(p, args, "keys", "rounds")
+    if args.rounds is None:
+        args.rounds_for = {n: 3 if n == args.size_list[0] and not args.quick else 1 for n in args.size_list}
+    else:
+        args.rounds_for = {n: args.rounds for n in args.size_list}
+    _common.require_positive(p, args, "keys")
+    if args.rounds is not None and args.rounds < 1:
+        p.error("--rounds must be >= 1")
     if args.lookups < 0 or args.churn_lookups < 0 or args.settle < 0:
         p.error("--lookups, --churn-lookups and --settle must be >= 0")
     if not 0 <= args.churn < 1:

@@ -202,10 +202,12 @@ class MaculaProtocol(QuicConnectionProtocol):
         if rid is None:
             rid = body["id"] = new_id()
         data = encode(mtype, body, max_frame_size=self.owner.max_frame_size)
-        per_request = self.owner.stream_mode == "per-request" or self.main_stream is None
+        per_request = self.owner.stream_mode == "per-request"
         if per_request:
             stream_id = self._quic.get_next_available_stream_id()
         else:
+            if self.main_stream is None:  # the accepting side's first request: its own long-lived stream
+                self.main_stream = self._quic.get_next_available_stream_id()
             stream_id = self.main_stream
         fut: asyncio.Future[Frame] = self._loop.create_future()
         self.last_used = now = self._loop.time()
