@@ -17,8 +17,19 @@ connection* by default.  The alternative, a fresh stream per request, is kept as
 reply must not delay small ones (head-of-line blocking inside one stream).
 
 Both ends of a connection can send requests: the node that accepted the
-connection may open streams towards the connecting peer (this is how a node will
-relay calls to an attached client).
+connection opens its own long-lived stream towards the connecting peer (this is
+how a node relays calls to an attached client, and how a DHT node reuses a
+session a verified peer opened to it).
+
+Two paths send a request: :meth:`MaculaProtocol.request` (a coroutine) and
+:meth:`QuicTransport.send_request`, which sends at once over an open session
+and returns the reply's future, optionally with a synchronous ``notify`` (DHT
+lookups wait on several queries this way, without a task per query).
+
+ACKs: aioquic acknowledges 1 ms after an ack-eliciting packet, in a datagram of
+its own.  A request arriving on an idle connection has its ACK carried by the
+reply instead (``_ack_now``): a lone query/reply costs 3 datagrams, not 4.  On
+a busy connection ACKs stay delayed and batched.
 """
 
 from __future__ import annotations
