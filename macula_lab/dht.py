@@ -262,8 +262,12 @@ class Dht:
         return reply
 
     def _settle_later(self, q: _Query) -> None:
-        """A direct query the lookup no longer waits for: record its outcome when it ends."""
-        if q.direct and not q.fut.done():
+        """A direct query the lookup no longer waits for: record its outcome (when it ends)."""
+        if not q.direct:
+            return  # a task: _query() records it
+        if q.fut.done():
+            self._outcome(q)
+        else:
             q.fut.add_done_callback(lambda _fut: self._outcome(q))
 
     async def _query(self, contact: Contact, mtype: MessageType, body: dict[str, Any]) -> Frame | MaculaError:
@@ -367,57 +371,60 @@ class Dht:
         wake = _Wakeup()
         slow: set[bytes] = set()  # given up on by the soft timeout, query still running
         grace_used = False
-        while True:
-            if lk.done:
-                # before answering, give peers we gave up on one more soft timeout: under
-                # load a live node can be slow, and the answer should not miss it; a dead
-                # one costs this lookup at most that much extra
-                if grace_used or (lk.found and not collect_values):
-                    break
-                closest = lk.result().closest
-                kth = xor_distance(closest[-1].node_id, target) if len(closest) >= self.k else 1 << 256
-                late = [
-                    f
-                    for f, q in running.items()
-                    if q.contact.node_id in slow and xor_distance(q.contact.node_id, target) < kth
-                ]
-                if not late:  # only a slow peer that would change the answer is worth waiting for
-                    break
-                grace_used = True
-                soft = self.query_timeout if patient else self.rtt.timeout()
-                finished, _ = await asyncio.wait(late, timeout=soft)
-                self._take(lk, running, finished, find_value)
-                continue
-            for contact in lk.next_queries(clock()):
-                q = self._start_query(contact, mtype, query, wake)
-                if q is None:  # the node is stopping
-                    lk.on_failure(contact.node_id, clock())
+        try:
+            while True:
+                if lk.done:
+                    # before answering, give peers we gave up on one more soft timeout: under
+                    # load a live node can be slow, and the answer should not miss it; a dead
+                    # one costs this lookup at most that much extra
+                    if grace_used or (lk.found and not collect_values):
+                        break
+                    closest = lk.result().closest
+                    kth = xor_distance(closest[-1].node_id, target) if len(closest) >= self.k else 1 << 256
+                    late = [
+                        f
+                        for f, q in running.items()
+                        if q.contact.node_id in slow and xor_distance(q.contact.node_id, target) < kth
+                    ]
+                    if not late:  # only a slow peer that would change the answer is worth waiting for
+                        break
+                    grace_used = True
+                    soft = self.query_timeout if patient else self.rtt.timeout()
+                    finished, _ = await asyncio.wait(late, timeout=soft)
+                    self._take(lk, running, finished, find_value)
                     continue
-                running[q.fut] = q
-            if not running:
-                break
-            # wake for the first reply, or when the oldest query passes the soft timeout
-            soft = self.query_timeout if patient else self.rtt.timeout()
-            wake_at = lk.next_deadline(soft)
-            if hedge_until is not None and lk.hedging and (wake_at is None or hedge_until < wake_at):
-                wake_at = hedge_until
-            finished = {f for f in running if f.done()}
-            if not finished:
-                await wake.wait(wake_at)
+                for contact in lk.next_queries(clock()):
+                    q = self._start_query(contact, mtype, query, wake)
+                    if q is None:  # the node is stopping
+                        lk.on_failure(contact.node_id, clock())
+                        continue
+                    running[q.fut] = q
+                if not running:
+                    break
+                # wake for the first reply, or when the oldest query passes the soft timeout
+                soft = self.query_timeout if patient else self.rtt.timeout()
+                wake_at = lk.next_deadline(soft)
+                if hedge_until is not None and lk.hedging and (wake_at is None or hedge_until < wake_at):
+                    wake_at = hedge_until
                 finished = {f for f in running if f.done()}
-            self._take(lk, running, finished, find_value)
-            now = clock()
-            if lk.hedging and hedge_until is not None and now >= hedge_until:
-                lk.widen()  # the first query is slow: ask alpha peers as a plain lookup would
-            # slow peers: stop waiting for them in this lookup (their reply still counts if it
-            # arrives before the end); the query itself runs on to the hard timeout
-            for contact in lk.timed_out(now, soft):
-                lk.on_failure(contact.node_id, now)
-                slow.add(contact.node_id)
-        # queries still running (stragglers outside the k closest, or slow peers) are not
-        # waited for; they finish on their own within the hard timeout
-        for q in running.values():
-            self._settle_later(q)
+                if not finished:
+                    await wake.wait(wake_at)
+                    finished = {f for f in running if f.done()}
+                self._take(lk, running, finished, find_value)
+                now = clock()
+                if lk.hedging and hedge_until is not None and now >= hedge_until:
+                    lk.widen()  # the first query is slow: ask alpha peers as a plain lookup would
+                # slow peers: stop waiting for them in this lookup (their reply still counts if it
+                # arrives before the end); the query itself runs on to the hard timeout
+                for contact in lk.timed_out(now, soft):
+                    lk.on_failure(contact.node_id, now)
+                    slow.add(contact.node_id)
+        finally:
+            # queries still running (stragglers outside the k closest, or slow peers, or all of
+            # them if this lookup was cancelled) are not waited for; they finish on their own
+            # within the hard timeout and still tell the routing table
+            for q in running.values():
+                self._settle_later(q)
         result = lk.result(clock())
         self.lookups.append(
             LookupRecord(

@@ -272,3 +272,9 @@ async def test_a_read_whose_closest_contact_died_widens_then_records_the_failure
     await asyncio.sleep(0.6)  # past the dead node's hard query timeout
     row = next(r for r in a.dht.table.snapshot() if r["name"] == dead.name)
     assert row["failures"] == 1
+    # a read that is cancelled still tells the routing table what became of its queries
+    await alive.kill()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(a.dht.find(key), 0.05)
+    await asyncio.sleep(0.6)
+    assert dead.name not in {r["name"] for r in a.dht.table.snapshot()}  # its 2nd failure: evicted

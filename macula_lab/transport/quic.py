@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -256,7 +257,7 @@ class MaculaProtocol(QuicConnectionProtocol):
                 w.settle(exc=RequestTimeout(f"{w.mtype.name} to {where} got no reply within {w.timeout:g}s"))
             elif earliest is None or w.deadline < earliest:
                 earliest = w.deadline
-        if earliest is not None:
+        if earliest is not None and earliest < math.inf:  # (a handshake waits without a deadline)
             self._arm_expiry(earliest)
 
     async def handshake(self, identity: Identity, timeout: float) -> PeerInfo:
@@ -266,7 +267,7 @@ class MaculaProtocol(QuicConnectionProtocol):
         rid = body["id"]
         fut: asyncio.Future[Frame] = self._loop.create_future()
         # (no deadline here: asyncio.timeout below bounds the handshake)
-        self._pending[rid] = _Waiting(fut, self.main_stream, float("inf"), MessageType.CONNECT, timeout, None)
+        self._pending[rid] = _Waiting(fut, self.main_stream, math.inf, MessageType.CONNECT, timeout, None)
         end = self.owner.stream_mode == "per-request"
         self._quic.send_stream_data(self.main_stream, encode(MessageType.CONNECT, body), end_stream=end)
         self.transmit()
