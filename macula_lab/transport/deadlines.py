@@ -1,0 +1,96 @@
+"""Request deadlines: one loop timer per transport instead of one per request.
+
+Nearly every request is answered long before its deadline, so a timer per
+request would only be pushed onto asyncio's timer heap and later popped to do
+nothing.  With hundreds of requests a second that heap holds thousands of
+handles, and every push and pop compares them in Python (``TimerHandle.__lt__``)
+- aioquic's own per-connection timers pay for it too.  In ``bench/dht.py`` at
+N=60 the per-request timers cost about 10% of a lookup.
+
+Here a deadline is a ``(when, seq, item)`` tuple on a :mod:`heapq` (compared in
+C) and nothing is cancelled: an item that ended (``item.done``) is dropped when
+it comes due, or earlier when ended items make up most of the heap (a rebuild,
+amortised O(1) per add, so a long timeout under heavy traffic cannot pile up
+memory).  One loop timer is armed at the earliest deadline; after it fires it is
+re-armed at most once per ``granularity``, so a deadline fires at most that much
+late, never early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+#: How late a deadline may fire (seconds): the price of one timer for many requests.
+DEFAULT_GRANULARITY = 0.01
+#: The heap is rebuilt without ended items once it holds this many entries (then twice
+#: as many as the rebuild kept, and at least this many)
+COMPACT_AT = 4096
+
+
+class Expirable(Protocol):
+    """Something with a deadline: a request in flight, say."""
+
+    @property
+    def done(self) -> bool:
+        """Ended before its deadline (answered, cancelled, failed): nothing to expire."""
+
+    def expire(self) -> None:
+        """The deadline passed while not done."""
+
+
+class DeadlineQueue:
+    """Call ``item.expire()`` once loop time ``when`` has passed, unless ``item.done``."""
+
+    def __init__(self, granularity: float = DEFAULT_GRANULARITY) -> None:
+        self.granularity = granularity
+        self._heap: list[tuple[float, int, Expirable]] = []
+        self._seq = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._compact_at = COMPACT_AT
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def add(self, when: float, item: Expirable) -> None:
+        heapq.heappush(self._heap, (when, next(self._seq), item))
+        if len(self._heap) >= self._compact_at:
+            self._compact()
+        # re-arm only for a deadline clearly earlier than the timer (a shorter timeout);
+        # the usual case, a deadline later than every pending one, costs just the push
+        if self._timer is None or when < self._timer_at - self.granularity:
+            self._arm(when)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = asyncio.get_running_loop().call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        heap = self._heap
+        now = asyncio.get_running_loop().time()
+        due = []
+        while heap and heap[0][0] <= now:
+            due.append(heapq.heappop(heap))
+        for _when, _seq, item in due:
+            if item.done:
+                continue
+            try:
+                item.expire()
+            except Exception:  # one faulty item must not strand the others
+                log.exception("expiring %r failed", item)
+        if heap and self._timer is None:  # (a callback may have armed it already)
+            self._arm(max(heap[0][0], now + self.granularity))
+
+    def _compact(self) -> None:
+        self._heap = [entry for entry in self._heap if not entry[2].done]
+        heapq.heapify(self._heap)
+        self._compact_at = max(COMPACT_AT, 2 * len(self._heap))
