@@ -8,15 +8,31 @@ from macula_lab.transport import deadlines
 from macula_lab.transport.deadlines import DeadlineQueue
 
 
-class Item:
-    """A request stand-in: records when it expired."""
+class Requests:
+    """Stand-in for a transport: which requests are pending, and when each expired."""
 
-    def __init__(self, name: str, log: list, t0: float = 0.0) -> None:
-        self.name, self.log, self.t0 = name, log, t0
-        self.done = False
+    def __init__(self) -> None:
+        self.t0 = asyncio.get_running_loop().time()
+        self.pending: set[tuple] = set()
+        self.fired: list[tuple[str, float]] = []
 
-    def expire(self) -> None:
-        self.log.append((self.name, asyncio.get_running_loop().time() - self.t0))
+    def expire(self, conn: int, rid: str) -> None:
+        if (conn, rid) in self.pending:
+            self.pending.discard((conn, rid))
+            self.fired.append((rid, asyncio.get_running_loop().time() - self.t0))
+
+    def is_pending(self, conn: int, rid: str) -> bool:
+        return (conn, rid) in self.pending
+
+    def queue(self, cls=DeadlineQueue, **kw) -> DeadlineQueue:
+        return cls(self.expire, self.is_pending, **kw)
+
+    def send(self, q: DeadlineQueue, rid: str, timeout: float, conn: int = 1) -> None:
+        self.pending.add((conn, rid))
+        q.add(self.t0 + timeout, conn, rid)
+
+    def names(self) -> list[str]:
+        return [rid for rid, _ in self.fired]
 
 
 class CountingQueue(DeadlineQueue):
@@ -30,88 +46,74 @@ class CountingQueue(DeadlineQueue):
 
 
 async def test_fires_in_order_never_early_and_at_most_granularity_late():
-    loop = asyncio.get_running_loop()
-    q = DeadlineQueue(granularity=0.02)
-    fired: list[tuple[str, float]] = []
-    t0 = loop.time()
-    delays = {"c": 0.09, "a": 0.03, "b": 0.05}
-    for name, delay in delays.items():
-        q.add(t0 + delay, Item(name, fired, t0))
+    r = Requests()
+    q = r.queue(granularity=0.02)
+    timeouts = {"c": 0.09, "a": 0.03, "b": 0.05}
+    for rid, timeout in timeouts.items():
+        r.send(q, rid, timeout)
     await asyncio.sleep(0.2)
-    assert [name for name, _ in fired] == ["a", "b", "c"]
-    for name, at in fired:
-        assert delays[name] <= at < delays[name] + 0.02 + 0.03  # granularity, plus scheduling slack
+    assert r.names() == ["a", "b", "c"]
+    for rid, at in r.fired:
+        assert timeouts[rid] <= at < timeouts[rid] + 0.02 + 0.03  # granularity, plus scheduling slack
     assert len(q) == 0
 
 
-async def test_items_that_ended_are_not_expired():
-    loop = asyncio.get_running_loop()
-    q = DeadlineQueue()
-    fired: list = []
-    answered, pending = Item("answered", fired), Item("pending", fired)
-    q.add(loop.time() + 0.02, answered)
-    q.add(loop.time() + 0.02, pending)
-    answered.done = True
+async def test_answered_requests_are_left_alone():
+    r = Requests()
+    q = r.queue()
+    r.send(q, "answered", 0.02)
+    r.send(q, "waiting", 0.02)
+    r.pending.discard((1, "answered"))
     await asyncio.sleep(0.08)
-    assert [name for name, _ in fired] == ["pending"]
+    assert r.names() == ["waiting"]
 
 
 async def test_a_shorter_deadline_after_a_long_one_fires_on_time():
-    loop = asyncio.get_running_loop()
-    q = DeadlineQueue()
-    fired: list = []
-    t0 = loop.time()
-    q.add(t0 + 5.0, Item("long", fired))
-    q.add(t0 + 0.05, Item("short", fired))
+    r = Requests()
+    q = r.queue()
+    r.send(q, "long", 5.0)
+    r.send(q, "short", 0.05)
     await asyncio.sleep(0.12)
-    assert [name for name, _ in fired] == ["short"]
+    assert r.names() == ["short"]
     assert len(q) == 1  # the long one waits, with the timer armed for it
 
 
 async def test_many_deadlines_share_one_timer():
-    loop = asyncio.get_running_loop()
-    q = CountingQueue(granularity=0.01)
-    fired: list = []
-    t0 = loop.time()
+    r = Requests()
+    q = r.queue(CountingQueue, granularity=0.01)
     for i in range(1000):  # later and later, as requests sent one after another are
-        q.add(t0 + 0.02 + i * 0.00005, Item(str(i), fired))
+        r.send(q, str(i), 0.02 + i * 0.00005)
     assert q.arms == 1  # pushing a later deadline never touches the loop timer
     await asyncio.sleep(0.15)
-    assert [name for name, _ in fired] == [str(i) for i in range(1000)]
+    assert r.names() == [str(i) for i in range(1000)]
     assert q.arms <= 1 + 0.05 / 0.01 + 1  # re-armed at most once per granularity after that
 
 
-async def test_ended_items_do_not_pile_up(monkeypatch):
+async def test_ended_requests_do_not_pile_up(monkeypatch):
     """Answered requests with long timeouts are dropped before their deadline."""
     monkeypatch.setattr(deadlines, "COMPACT_AT", 100)
-    loop = asyncio.get_running_loop()
-    q = DeadlineQueue()
-    fired: list = []
-    live = []
+    r = Requests()
+    q = r.queue()
     for i in range(1000):
-        item = Item(str(i), fired)
-        q.add(loop.time() + 60.0, item)
+        r.send(q, str(i), 60.0)
         if i % 10:
-            item.done = True  # answered
-        else:
-            live.append(item)
-    assert len(q) < 300  # ~100 live ones plus what accumulated since the last rebuild
-    assert fired == [] and all(any(e[2] is item for e in q._heap) for item in live)
+            r.pending.discard((1, str(i)))  # answered
+    assert len(q) < 300  # the ~100 pending ones plus what came since the last rebuild
+    kept = {entry[3] for entry in q._heap}
+    assert {rid for _, rid in r.pending} <= kept and r.fired == []
 
 
-async def test_a_failing_item_does_not_strand_the_others(caplog):
-    loop = asyncio.get_running_loop()
-    q = DeadlineQueue()
-    fired: list = []
+async def test_a_failing_expiry_does_not_strand_the_others(caplog):
+    r = Requests()
 
-    class Boom(Item):
-        def expire(self) -> None:
+    def expire(conn: int, rid: str) -> None:
+        if rid == "boom":
             raise RuntimeError("boom")
+        r.expire(conn, rid)
 
-    now = loop.time()
-    q.add(now + 0.01, Boom("boom", fired))
-    q.add(now + 0.01, Item("after", fired))
-    q.add(now + 0.05, Item("later", fired))
+    q = DeadlineQueue(expire, r.is_pending)
+    for rid, timeout in (("boom", 0.01), ("after", 0.01), ("later", 0.05)):
+        r.send(q, rid, timeout)
     await asyncio.sleep(0.12)
-    assert [name for name, _ in fired] == ["after", "later"]
+    assert r.names() == ["after", "later"]
     assert "expiring" in caplog.text

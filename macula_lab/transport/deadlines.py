@@ -7,13 +7,15 @@ handles, and every push and pop compares them in Python (``TimerHandle.__lt__``)
 - aioquic's own per-connection timers pay for it too.  In ``bench/dht.py`` at
 N=60 the per-request timers cost about 10% of a lookup.
 
-Here a deadline is a ``(when, seq, item)`` tuple on a :mod:`heapq` (compared in
-C) and nothing is cancelled: an item that ended (``item.done``) is dropped when
-it comes due, or earlier when ended items make up most of the heap (a rebuild,
-amortised O(1) per add, so a long timeout under heavy traffic cannot pile up
-memory).  One loop timer is armed at the earliest deadline; after it fires it is
-re-armed at most once per ``granularity``, so a deadline fires at most that much
-late, never early.
+Here a deadline is a ``(when, seq, a, b)`` tuple of plain values (the caller's
+key for the request, e.g. a connection number and a request id) on a
+:mod:`heapq`, compared in C and never seen by the garbage collector.  Nothing
+is cancelled: when a deadline comes due, ``expire(a, b)`` is called and decides
+whether anything is left to expire.  Keys of requests that ended are also
+dropped in bulk when they make up most of the heap (``pending(a, b)`` tells),
+so long timeouts under heavy traffic cannot pile up memory.  One loop timer is
+armed at the earliest deadline; after it fires it is re-armed at most once per
+``granularity``, so a deadline fires at most that much late, never early.
 """
 
 from __future__ import annotations
@@ -22,34 +24,31 @@ import asyncio
 import heapq
 import itertools
 import logging
-from typing import Protocol
+from collections.abc import Callable, Hashable
 
 log = logging.getLogger(__name__)
 
 #: How late a deadline may fire (seconds): the price of one timer for many requests.
 DEFAULT_GRANULARITY = 0.01
-#: The heap is rebuilt without ended items once it holds this many entries (then twice
-#: as many as the rebuild kept, and at least this many)
+#: The heap is rebuilt without ended requests once it holds this many entries (then
+#: twice as many as the rebuild kept, and at least this many)
 COMPACT_AT = 4096
 
 
-class Expirable(Protocol):
-    """Something with a deadline: a request in flight, say."""
-
-    @property
-    def done(self) -> bool:
-        """Ended before its deadline (answered, cancelled, failed): nothing to expire."""
-
-    def expire(self) -> None:
-        """The deadline passed while not done."""
-
-
 class DeadlineQueue:
-    """Call ``item.expire()`` once loop time ``when`` has passed, unless ``item.done``."""
+    """Call ``expire(a, b)`` once loop time ``when`` has passed; entries are not cancelled."""
 
-    def __init__(self, granularity: float = DEFAULT_GRANULARITY) -> None:
+    def __init__(
+        self,
+        expire: Callable[[Hashable, Hashable], None],
+        pending: Callable[[Hashable, Hashable], bool],
+        *,
+        granularity: float = DEFAULT_GRANULARITY,
+    ) -> None:
+        self._expire = expire
+        self._pending = pending
         self.granularity = granularity
-        self._heap: list[tuple[float, int, Expirable]] = []
+        self._heap: list[tuple[float, int, Hashable, Hashable]] = []
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -58,8 +57,8 @@ class DeadlineQueue:
     def __len__(self) -> int:
         return len(self._heap)
 
-    def add(self, when: float, item: Expirable) -> None:
-        heapq.heappush(self._heap, (when, next(self._seq), item))
+    def add(self, when: float, a: Hashable, b: Hashable) -> None:
+        heapq.heappush(self._heap, (when, next(self._seq), a, b))
         if len(self._heap) >= self._compact_at:
             self._compact()
         # re-arm only for a deadline clearly earlier than the timer (a shorter timeout);
@@ -80,17 +79,16 @@ class DeadlineQueue:
         due = []
         while heap and heap[0][0] <= now:
             due.append(heapq.heappop(heap))
-        for _when, _seq, item in due:
-            if item.done:
-                continue
+        for _when, _seq, a, b in due:
             try:
-                item.expire()
-            except Exception:  # one faulty item must not strand the others
-                log.exception("expiring %r failed", item)
+                self._expire(a, b)
+            except Exception:  # one faulty entry must not strand the others
+                log.exception("expiring %r %r failed", a, b)
         if heap and self._timer is None:  # (a callback may have armed it already)
             self._arm(max(heap[0][0], now + self.granularity))
 
     def _compact(self) -> None:
-        self._heap = [entry for entry in self._heap if not entry[2].done]
+        pending = self._pending
+        self._heap = [entry for entry in self._heap if pending(entry[2], entry[3])]
         heapq.heapify(self._heap)
         self._compact_at = max(COMPACT_AT, 2 * len(self._heap))

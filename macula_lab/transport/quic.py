@@ -36,9 +36,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
+import math
 import socket
 import ssl
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -131,45 +134,27 @@ class _Stream:
 
 
 class _Waiting:
-    """A request in flight: its reply future, and who to tell when it ends."""
+    """A request in flight: its reply future, deadline, and who to tell when it ends."""
 
-    __slots__ = ("fut", "stream_id", "mtype", "timeout", "notify", "proto", "rid")
+    __slots__ = ("fut", "stream_id", "mtype", "timeout", "deadline", "notify")
 
-    def __init__(self, fut, stream_id, mtype, timeout, notify, proto=None, rid=b""):
-        self.fut: asyncio.Future[Frame] | None = fut
+    def __init__(self, fut, stream_id, mtype, timeout, deadline, notify):
+        self.fut: asyncio.Future[Frame] = fut
         self.stream_id: int = stream_id
         self.mtype: MessageType = mtype
         self.timeout: float = timeout
+        self.deadline: float = deadline
         self.notify: Callable[[], None] | None = notify
-        self.proto: MaculaProtocol | None = proto
-        self.rid: bytes = rid
-
-    @property
-    def done(self) -> bool:
-        return self.fut is None or self.fut.done()
-
-    def expire(self) -> None:
-        """Its deadline passed (see :class:`~.deadlines.DeadlineQueue`)."""
-        proto = self.proto
-        if proto is None or proto._pending.get(self.rid) is not self:
-            return  # cancelled by its requester and forgotten, or already failed
-        del proto._pending[self.rid]
-        where = proto.endpoint or proto._peer_label()
-        self.settle(exc=RequestTimeout(f"{self.mtype.name} to {where} got no reply within {self.timeout:g}s"))
 
     def settle(self, result: Frame | None = None, exc: BaseException | None = None) -> None:
-        fut, notify = self.fut, self.notify
-        if fut is None or fut.done():  # settled already, or the requester gave up (cancelled)
+        if self.fut.done():  # the requester gave up (cancelled)
             return
-        # the deadline queue keeps this record until its deadline: let go of the reply now
-        # (thousands of finished replies kept alive cost the garbage collector ~5% throughput)
-        self.fut = self.notify = None
         if exc is None:
-            fut.set_result(result)
+            self.fut.set_result(result)
         else:
-            fut.set_exception(exc)
-        if notify is not None:
-            notify()
+            self.fut.set_exception(exc)
+        if self.notify is not None:
+            self.notify()
 
 
 class MaculaProtocol(QuicConnectionProtocol):
@@ -179,6 +164,7 @@ class MaculaProtocol(QuicConnectionProtocol):
         super().__init__(quic, stream_handler)
         self.owner = owner
         self.outgoing = outgoing
+        self.serial = owner.register(self)  # this connection's key in the owner's deadline queue
         self.peer: PeerInfo | None = None  # set once the session handshake succeeded
         self.refused: MaculaError | None = None
         self.endpoint = ""  # outgoing: the endpoint we dialled
@@ -239,8 +225,8 @@ class MaculaProtocol(QuicConnectionProtocol):
             stream_id = self.main_stream
         fut: asyncio.Future[Frame] = self._loop.create_future()
         self.last_used = now = self._loop.time()
-        self._pending[rid] = waiting = _Waiting(fut, stream_id, mtype, timeout, notify, self, rid)
-        self.owner.deadlines.add(now + timeout, waiting)
+        self._pending[rid] = _Waiting(fut, stream_id, mtype, timeout, now + timeout, notify)
+        self.owner.deadlines.add(now + timeout, self.serial, rid)
         try:
             self._quic.send_stream_data(stream_id, data, end_stream=per_request)
         except BaseException:
@@ -254,14 +240,25 @@ class MaculaProtocol(QuicConnectionProtocol):
             self._flush_soon()
         return fut
 
+    def expire(self, rid: bytes) -> None:
+        """Request ``rid``'s deadline came (see :class:`~.deadlines.DeadlineQueue`): fail it if it is still pending."""
+        waiting = self._pending.get(rid)
+        if waiting is None or waiting.deadline > self._loop.time():
+            return  # answered or cancelled (or its id reused by a later request)
+        del self._pending[rid]
+        where = self.endpoint or self._peer_label()
+        waiting.settle(
+            exc=RequestTimeout(f"{waiting.mtype.name} to {where} got no reply within {waiting.timeout:g}s")
+        )
+
     async def handshake(self, identity: Identity, timeout: float) -> PeerInfo:
         """Client side of the session: CONNECT on the stream that becomes the main stream."""
         self.main_stream = self._quic.get_next_available_stream_id()
         body = connect_body(identity)
         rid = body["id"]
         fut: asyncio.Future[Frame] = self._loop.create_future()
-        # (no deadline here: asyncio.timeout below bounds the handshake)
-        self._pending[rid] = _Waiting(fut, self.main_stream, MessageType.CONNECT, timeout, None)
+        # (no deadline entry: asyncio.timeout below bounds the handshake)
+        self._pending[rid] = _Waiting(fut, self.main_stream, MessageType.CONNECT, timeout, math.inf, None)
         end = self.owner.stream_mode == "per-request"
         self._quic.send_stream_data(self.main_stream, encode(MessageType.CONNECT, body), end_stream=end)
         self.transmit()
@@ -590,7 +587,11 @@ class QuicTransport(Transport):
         self._started = False
         self._closing = False
         self._templates: dict[bool, QuicConfiguration] = {}
-        self.deadlines = DeadlineQueue()  # of every request sent on this transport's connections
+        # the deadlines of every request sent on this transport's connections, keyed by
+        # (connection serial, request id); connections by serial, for as long as they live
+        self.deadlines = DeadlineQueue(self._expire_request, self._request_pending)
+        self._by_serial: weakref.WeakValueDictionary[int, MaculaProtocol] = weakref.WeakValueDictionary()
+        self._serials = itertools.count()
         if not self.tls.verify:
             log.warning(
                 "CERTIFICATE VERIFICATION IS OFF for node %s: peers are not authenticated "
@@ -782,6 +783,20 @@ class QuicTransport(Transport):
         if self.tls.verify and self.tls.ca:
             _request_client_certificate(quic)
         return proto
+
+    def register(self, proto: MaculaProtocol) -> int:
+        serial = next(self._serials)
+        self._by_serial[serial] = proto
+        return serial
+
+    def _expire_request(self, serial: int, rid: bytes) -> None:
+        proto = self._by_serial.get(serial)
+        if proto is not None:
+            proto.expire(rid)
+
+    def _request_pending(self, serial: int, rid: bytes) -> bool:
+        proto = self._by_serial.get(serial)
+        return proto is not None and rid in proto._pending
 
     def authenticate_client(self, proto: MaculaProtocol, peer: PeerInfo) -> None:
         """Mark an incoming session reusable if its client certificate vouches for the claimed endpoint.
