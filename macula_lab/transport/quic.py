@@ -30,6 +30,10 @@ ACKs: aioquic acknowledges 1 ms after an ack-eliciting packet, in a datagram of
 its own.  A request arriving on an idle connection has its ACK carried by the
 reply instead (``_ack_now``): a lone query/reply costs 3 datagrams, not 4.  On
 a busy connection ACKs stay delayed and batched.
+
+Request deadlines of all of a node's connections share one coarse loop timer
+(:mod:`.deadlines`) instead of one timer per connection re-armed for nearly
+every request of a sparse DHT connection.
 """
 
 from __future__ import annotations
