@@ -250,10 +250,7 @@ class Dht:
             return q.fut.result()  # _query() did the checks
         if q.fut.cancelled():
             return _QueryFailed("cancelled")
-        exc = q.fut.exception()
         try:
-            if exc is not None:
-                raise exc
             reply = self._checked(q.contact, raise_for_error(q.fut.result()))
         except Exception as err:
             self.table.failed(q.contact.node_id, self.now())

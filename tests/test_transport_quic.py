@@ -245,11 +245,13 @@ async def test_send_request_over_an_open_session(nodes):
     err = await a.send_request(b.endpoint, MessageType.CALL, {"procedure": "nope", "args": None})
     assert err.type is MessageType.ERROR and err.body["code"] == "no_such_procedure"
     # the end of the connection fails what is in flight
+    conn = a.transport.pool.peek(b.endpoint)
     fut = a.send_request(b.endpoint, MessageType.CALL, {"procedure": "test.slow", "args": None}, timeout=5)
+    assert len(conn._pending) == 1
     await b.stop()
     with pytest.raises(MaculaError):
         await asyncio.wait_for(fut, 3)
-    assert not a.transport.pool.peek(b.endpoint) or not a.transport.pool.peek(b.endpoint)._pending
+    assert not conn._pending
 
 
 async def test_reply_on_an_idle_connection_carries_the_ack(nodes):

@@ -164,6 +164,8 @@ class Lookup:
 
     def widen(self) -> None:
         """End the hedged start: from now on keep ``alpha`` queries outstanding."""
+        if self._finished_at is not None:
+            return  # answered already (a hedge timer that comes too late)
         self.hedging = False
         self._parallelism = self.alpha
         more, self._more_seeds = self._more_seeds, None
@@ -176,17 +178,6 @@ class Lookup:
         cand = self._candidates.get(contact_id)
         if cand is None or cand.state is _State.NEW:
             return  # not something we asked
-        if value is not None and self.find_value and not self.collect_values and self._finished_at is None:
-            # the value ends the read: no need for the other seeds (see widen())
-            if cand.state is _State.FAILED:
-                self._failures -= 1  # a late answer after a timeout: it is alive after all
-            cand.state = _State.ANSWERED
-            self._last_event = now
-            self._values.setdefault(contact_id, value)
-            self._value_holder = contact_id
-            self._finished_at = now
-            return
-        self.widen()
         if self._finished_at is not None:
             if cand.state is not _State.FAILED:
                 return  # too late to matter
@@ -196,12 +187,16 @@ class Lookup:
             self._failures -= 1  # a late answer after a timeout: it is alive after all
         cand.state = _State.ANSWERED
         self._last_event = now
-        for contact in contacts:
-            self._learn(contact, depth=cand.depth + 1)
         if value is not None and self.find_value:
             self._values.setdefault(contact_id, value)
             if self._value_holder is None:
                 self._value_holder = contact_id
+        if self._value_holder is not None and not self.collect_values:
+            self._finished_at = now  # the read is answered: no need for the other seeds (widen())
+            return
+        self.widen()
+        for contact in contacts:
+            self._learn(contact, depth=cand.depth + 1)
         self._check_done(now)
 
     def on_failure(self, contact_id: bytes, now: float) -> None:

@@ -680,13 +680,7 @@ class QuicTransport(Transport):
         if not self._started:
             raise NotStarted("transport is not started")
         timeout = self.request_timeout if timeout is None else timeout
-        conn = self.pool.get_nowait(endpoint)
-        if conn is None:
-            conn = self._verified_incoming.get(endpoint)
-            if conn is not None and not conn.is_closed:
-                self.counters["reused_incoming"] += 1
-            else:
-                conn = await self.pool.get(endpoint)
+        conn = self._open_session(endpoint) or await self.pool.get(endpoint)
         self.counters["requests_sent"] += 1
         try:
             reply = await conn.request(mtype, body, timeout)
@@ -714,14 +708,21 @@ class QuicTransport(Transport):
         """
         if not self._started:
             raise NotStarted("transport is not started")
+        conn = self._open_session(endpoint)
+        if conn is None:
+            return None
+        self.counters["requests_sent"] += 1
+        return conn.send_request(mtype, body, self.request_timeout if timeout is None else timeout, notify)
+
+    def _open_session(self, endpoint: str) -> MaculaProtocol | None:
+        """A connection to ``endpoint`` usable now: pooled, or a verified incoming one."""
         conn = self.pool.get_nowait(endpoint)
         if conn is None:
             conn = self._verified_incoming.get(endpoint)
             if conn is None or conn.is_closed:
                 return None
             self.counters["reused_incoming"] += 1
-        self.counters["requests_sent"] += 1
-        return conn.send_request(mtype, body, self.request_timeout if timeout is None else timeout, notify)
+        return conn
 
     async def connect(self, endpoint: str) -> PeerInfo:
         if not self._started:
