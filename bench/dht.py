@@ -5,7 +5,7 @@ the same scenario, one after the other, in one process and one asyncio loop
 (the default loop, no uvloop):
 
 ``macula``
-    N :class:`~macula_lab.node.Node` instances, each with its own QUIC endpoint
+    N :class:`~macula_lab.runtime.node.Node` instances, each with its own QUIC endpoint
     and a certificate from one lab CA (TLS 1.3, peers verified), k=20, alpha=3
     and the product's default per-query timeouts.  A key is a provider key
     (``provider_key(realm, service)``), a value a ``ProviderEntry`` of the
@@ -71,11 +71,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # also makes macula_lab importable from a checkout that is not installed
 from _common import log, percentile
 
-from macula_lab.certs import NodeCert, lab_certs
 from macula_lab.core.records import ProviderEntry
-from macula_lab.dht import DEFAULT_QUERY_TIMEOUT, provider_key
 from macula_lab.errors import MaculaError
-from macula_lab.node import Node
+from macula_lab.runtime.dht import DEFAULT_QUERY_TIMEOUT, provider_key
+from macula_lab.runtime.node import Node
+from macula_lab.transport.certs import NodeCert, lab_certs
 from macula_lab.transport.quic import TlsConfig
 
 REALM = "com.bench.dht"

@@ -1,6 +1,6 @@
 """Service-layer benchmark: ``Node.call`` on a discovery-cache hit against a bare request.
 
-Run ``python bench/services.py --help``.  Two :class:`~macula_lab.node.Node`\\ s on
+Run ``python bench/services.py --help``.  Two :class:`~macula_lab.runtime.node.Node`\\ s on
 loopback QUIC (TLS 1.3, certificates verified), in one process, on the default
 asyncio loop (no uvloop).  Node ``a`` calls node ``b`` two ways, in the same run
 and over the same pooled connection:
@@ -53,9 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # also makes macula_lab importable from a checkout that is not installed
 from _common import SystemResult, log
 
-from macula_lab.certs import NodeCert, lab_certs
 from macula_lab.core.messages import MessageType
-from macula_lab.node import Node
+from macula_lab.runtime.node import Node
+from macula_lab.transport.certs import NodeCert, lab_certs
 from macula_lab.transport.quic import TlsConfig
 
 PROCEDURE = "bench.echo"

@@ -63,9 +63,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # also makes macula_lab importable from a checkout that is not installed
 from _common import RoundResult, SystemResult, log
 
-from macula_lab.certs import NodeCert, lab_certs
 from macula_lab.core.messages import Frame, MessageType
 from macula_lab.core.session import Identity, PeerInfo
+from macula_lab.transport.certs import NodeCert, lab_certs
 from macula_lab.transport.quic import ALPN, QuicTransport, TlsConfig
 
 PROCEDURE = "bench.echo"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .client import Client, connect  # noqa: E402
 from .errors import (  # noqa: E402
     CertificateError,
     ConnectFailed,
@@ -14,9 +13,10 @@ from .errors import (  # noqa: E402
     RealmMismatch,
     RequestTimeout,
 )
-from .lab import Lab  # noqa: E402
-from .node import Node  # noqa: E402
-from .services import AllProvidersFailed, CallTimeout, RemoteError, ServiceNotFound  # noqa: E402
+from .lab.client import Client, connect  # noqa: E402
+from .lab.lab import Lab  # noqa: E402
+from .runtime.node import Node  # noqa: E402
+from .runtime.services import AllProvidersFailed, CallTimeout, RemoteError, ServiceNotFound  # noqa: E402
 
 __all__ = [
     "AllProvidersFailed",

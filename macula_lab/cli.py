@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"macula-lab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from .config import add_node_arguments
+    from .deploy.config import add_node_arguments
 
     p_node = sub.add_parser(
         "node", help="run a headless node", description="Run a headless mesh node until SIGTERM/SIGINT."
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     add_procedure_parser(sub)
 
     if argv and argv[0] == "certs":  # the certs tool has its own parser
-        from .certs import certs_cli
+        from .transport.certs import certs_cli
 
         return certs_cli(argv[1:])
     args = parser.parse_args(argv)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_ping(args))
     if args.command == "demo":
         _logging("WARNING")
-        from .demo import run_demo
+        from .deploy.demo import run_demo
 
         return asyncio.run(run_demo(n=args.nodes, keep=args.keep))
     if args.command == "procedure":
@@ -95,7 +95,7 @@ def _logging(level: str) -> None:
 
 
 def _run_node(args: argparse.Namespace) -> int:
-    from .config import ConfigError, config_from_args
+    from .deploy.config import ConfigError, config_from_args
 
     try:
         config = config_from_args(args).validate()
@@ -112,7 +112,7 @@ def _run_node(args: argparse.Namespace) -> int:
 
 
 async def _serve(config) -> int:
-    from .node import Node
+    from .runtime.node import Node
 
     node = Node.from_config(config)
     stop = asyncio.Event()
@@ -141,7 +141,7 @@ async def _serve(config) -> int:
 
 async def _advertise_builtins(node, serve: dict[str, str], ttl: float, timeout: float) -> None:
     """``--serve``: advertise each built-in handler (kinds were checked by the config)."""
-    from .handlers import make_handler
+    from .runtime.handlers import make_handler
 
     for name, kind in serve.items():
         try:
@@ -157,7 +157,7 @@ async def _advertise_builtins(node, serve: dict[str, str], ttl: float, timeout: 
 
 
 async def _ping(args: argparse.Namespace) -> int:
-    from .node import Node
+    from .runtime.node import Node
     from .transport.quic import TlsConfig
 
     if not args.ca and not args.insecure:

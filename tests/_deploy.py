@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from macula_lab.certs import ensure_ca, issue_node_cert
-from macula_lab.manifests import NodeSpec
-from macula_lab.procs import NodeProcess, wait_ready
+from macula_lab.deploy.manifests import NodeSpec
+from macula_lab.deploy.procs import NodeProcess, wait_ready
+from macula_lab.transport.certs import ensure_ca, issue_node_cert
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from macula_lab.certs import lab_certs
-from macula_lab.node import Node
+from macula_lab.runtime.node import Node
+from macula_lab.transport.certs import lab_certs
 from macula_lab.transport.quic import TlsConfig
 
 pytest_plugins = ["tests.fixtures_netns"]
@@ -73,7 +73,7 @@ async def node_processes(certs):
 
     ``await node_processes(realm, token)``; all are stopped (SIGTERM) at teardown.
     """
-    from macula_lab.procs import start_node_process
+    from macula_lab.deploy.procs import start_node_process
 
     started = []
 

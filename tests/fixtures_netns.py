@@ -1,4 +1,4 @@
-"""Pytest fixtures for multi-host runs in network namespaces (see :mod:`macula_lab.netns`).
+"""Pytest fixtures for multi-host runs in network namespaces (see :mod:`macula_lab.deploy.netns`).
 
 Registered in ``tests/conftest.py`` (``pytest_plugins``).  Without root or
 iproute2 every test using them is skipped with the reason.
@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from macula_lab.netns import NetnsMesh, unavailable_reason
+from macula_lab.deploy.netns import NetnsMesh, unavailable_reason
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ import urllib.request
 
 import pytest
 
-from macula_lab.node import Node
-from macula_lab.procs import NodeProcessError, start_node_process
+from macula_lab.deploy.procs import NodeProcessError, start_node_process
+from macula_lab.runtime.node import Node
 from macula_lab.transport.quic import TlsConfig
 
 REALM = "com.test.cli"

@@ -2,7 +2,7 @@
 separate node processes passed as endpoints) and testbook tests of their contracts.
 
 02/03/04 run against nodes in network namespaces started from the deployment files
-(:mod:`macula_lab.netns`: the compose file for 02 and 04, the k3s StatefulSet for 03),
+(:mod:`macula_lab.deploy.netns`: the compose file for 02 and 04, the k3s StatefulSet for 03),
 or, where namespaces cannot be made (no root), against ``macula-lab node`` processes on
 loopback.  Either way the notebook only gets endpoints, realm, CA and admin token.
 """
@@ -20,9 +20,9 @@ import pytest
 from testbook import testbook
 from testbook.exceptions import TestbookRuntimeError
 
-from macula_lab.certs import lab_certs
+from macula_lab.deploy.procs import start_node_process
 from macula_lab.procedures.runner import run_procedure
-from macula_lab.procs import start_node_process
+from macula_lab.transport.certs import lab_certs
 
 pytestmark = pytest.mark.slow
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -115,7 +115,7 @@ def test_05_selection_and_failover(tmp_path):
 @contextlib.asynccontextmanager
 async def separate_nodes(source: str, tmp_path):
     """Node processes: network namespaces from the deployment files, else loopback processes."""
-    from macula_lab.netns import NetnsMesh, unavailable_reason
+    from macula_lab.deploy.netns import NetnsMesh, unavailable_reason
 
     if unavailable_reason() is None:
         async with NetnsMesh(source=source) as mesh:

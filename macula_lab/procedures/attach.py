@@ -3,7 +3,7 @@
 - Option 2 (Docker Compose): service names -> ``quic://node-1:9443`` (the
   compose network's DNS; from the host use the published addresses instead);
 - Option 3 (k3s): pods found by label through the Kubernetes API
-  (:mod:`macula_lab.k8s`), or pod addresses given;
+  (:mod:`macula_lab.deploy.k8s`), or pod addresses given;
 - Option 4 (hosts): ``beam00.lab``, ``beam00.lab:9443`` or full URLs.
 
 :func:`attach_lab` attaches with retries, so a notebook started together with
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import MaculaError
 
 if TYPE_CHECKING:
-    from ..lab import Lab
+    from ..lab.lab import Lab
 
 DEFAULT_PORT = 9443
 
@@ -60,14 +60,14 @@ async def k8s_endpoints(
     pods: str | Iterable[str] | None = None,
     kubeconfig: str | None = None,
 ) -> list[str]:
-    """Pods given (names or addresses), else the ready pods matching ``selector`` (:mod:`macula_lab.k8s`).
+    """Pods given (names or addresses), else the ready pods matching ``selector`` (:mod:`macula_lab.deploy.k8s`).
 
     ``namespace``/``selector`` default to the StatefulSet's (``macula-test``, its labels).
     """
     given = as_list(pods)
     if given:
         return host_endpoints(given, port)
-    from ..k8s import find_node_endpoints
+    from ..deploy.k8s import find_node_endpoints
 
     return await find_node_endpoints(namespace=namespace, selector=selector, kubeconfig=kubeconfig)
 
@@ -84,7 +84,7 @@ async def attach_lab(
     **kw: Any,
 ) -> Lab:
     """``Lab.attach`` retried until every node answers or ``timeout`` passes (then the last error)."""
-    from ..lab import Lab
+    from ..lab.lab import Lab
 
     urls = as_list(endpoints)
     if not urls:

@@ -33,7 +33,7 @@ from .rpc import GROUP as RPC
 from .rpc import rpc
 
 if TYPE_CHECKING:
-    from ..lab import Lab
+    from ..lab.lab import Lab
 
 #: the seed's boxes, per step (used to mark a step's checks failed when it raised)
 BOXES = {
@@ -148,7 +148,7 @@ async def served(ctx: Context) -> Check:
         return Check(
             "Deployment", f"{service} served by the nodes", False, evidence=f"{type(exc).__name__}: {exc}"
         )
-    from ..handlers import make_handler
+    from ..runtime.handlers import make_handler
 
     expected = make_handler("calculator", res.provider)(cfg.served_args)
     return Check(

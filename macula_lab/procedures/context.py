@@ -8,7 +8,7 @@ the scaled-down times: a TTL of ``ttl`` seconds is re-advertised every
 
 :class:`Context` is the run's working state: the handler invocations the lab
 saw, the inspection snapshots, the times of each publication.  Steps use only
-the lab's node API (:class:`~macula_lab.lab_nodes.LabNode`), so the same steps
+the lab's node API (:class:`~macula_lab.lab.nodes.LabNode`), so the same steps
 run on nodes in the kernel and on attached nodes (containers, pods, hosts).
 """
 
@@ -24,8 +24,8 @@ from ..errors import MaculaError
 from .progress import Progress
 
 if TYPE_CHECKING:
-    from ..lab import Lab
-    from ..lab_nodes import LabNode
+    from ..lab.lab import Lab
+    from ..lab.nodes import LabNode
 
 
 @dataclass
@@ -95,7 +95,7 @@ class Context:
 
     def handler(self, provider: str):
         """The seed's calculator, run in this process, recording every invocation."""
-        from ..handlers import make_handler
+        from ..runtime.handlers import make_handler
 
         calc = make_handler("calculator", provider)
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConnectFailed, ConnectTimeout, MaculaError, RealmMismatch
 
 if TYPE_CHECKING:
-    from ..lab import Lab
+    from ..lab.lab import Lab
 
 CASES = (
     "Wrong realm",
@@ -200,7 +200,7 @@ async def gather_facts(
 
 
 async def _probe(facts: dict[str, Any], url: str, realm: str, ca: str | None, timeout: float) -> None:
-    from ..client import connect
+    from ..lab.client import connect
 
     try:
         client = await connect(url, realm=realm, ca=ca, insecure=ca is None, timeout=timeout, name="diagnose")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .report import Check, Report
 
 if TYPE_CHECKING:
-    from ..lab import Lab
+    from ..lab.lab import Lab
 
 SELECTION = "Provider Selection"
 FAILOVER = "Failover"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ..errors import MaculaError
 
 if TYPE_CHECKING:
-    from ..lab import Lab
+    from ..lab.lab import Lab
 
 FAULTS = ("no_readvertise",)
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .report import Check, Report
 
 if TYPE_CHECKING:
-    from ..lab import Lab
+    from ..lab.lab import Lab
 
 GROUP = "Expected output"
 
@@ -31,7 +31,7 @@ def ordered_id(index: int, name: str) -> bytes:
 
 async def start_local_lab(n: int = 3, **options: Any) -> Lab:
     """``Lab.start`` with node ids ordered by name (see the module docstring); ``options`` go to Lab.start."""
-    from ..lab import Lab
+    from ..lab.lab import Lab
 
     lab = await Lab.start(n=0, **options)
     try:
@@ -85,7 +85,7 @@ async def expected_output(
     received: list[tuple[str, Any]] = []  # (provider, args) of each handler invocation
 
     def handler(node: str):
-        from ..handlers import make_handler
+        from ..runtime.handlers import make_handler
 
         calc = make_handler("calculator", node)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..services import RemoteError, ServiceNotFound
+from ..runtime.services import RemoteError, ServiceNotFound
 from .context import Context
 from .report import Check
 
@@ -37,7 +37,7 @@ async def rpc(ctx: Context) -> list[Check]:
             else f"no handler invocation recorded on {res.provider}",
         )
     ]
-    from ..handlers import make_handler
+    from ..runtime.handlers import make_handler
 
     expected = make_handler("calculator", res.provider)(cfg.args)
     checks.append(

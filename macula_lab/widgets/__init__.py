@@ -9,7 +9,7 @@
 - :class:`TopologyView`: the nodes on the id ring and their routing-table links.
 
 They only read the lab's sampled state (``lab.snapshots``, ``lab.recorder``,
-refreshed through ``lab.on_sample``) and call the :class:`~macula_lab.lab_nodes.LabNode`
+refreshed through ``lab.on_sample``) and call the :class:`~macula_lab.lab.nodes.LabNode`
 API, so they work the same on a local and an attached lab.  Button actions run
 as lab tasks on the kernel's loop (``view.last_task``); failures are shown in
 the widget (``view.status``) and kept in ``lab.errors``.  ``view.close()``

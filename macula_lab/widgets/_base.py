@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as w
 
 if TYPE_CHECKING:
-    from ..lab import Lab
+    from ..lab.lab import Lab
 
 #: one colour per node name, stable across the views
 PALETTE = (

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as w
 
-from ..handlers import BUILTINS
+from ..runtime.handlers import BUILTINS
 from ._base import LabView
 
 if TYPE_CHECKING:
-    from ..lab import Lab
+    from ..lab.lab import Lab
 
 
 class AdvertisePanel(LabView):

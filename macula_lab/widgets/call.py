@@ -24,8 +24,8 @@ from ..core.selection import STRATEGIES
 from ._base import LabView, pretty
 
 if TYPE_CHECKING:
-    from ..lab import Lab
-    from ..services import CallResult
+    from ..lab.lab import Lab
+    from ..runtime.services import CallResult
 
 DEFAULT_STRATEGY = "(node default)"
 

@@ -29,7 +29,7 @@ from .topology import TopologyView
 from .ttl import TTLWatch
 
 if TYPE_CHECKING:
-    from ..lab import Lab
+    from ..lab.lab import Lab
 
 
 class Dashboard(LabView):

@@ -25,7 +25,7 @@ from plotly.subplots import make_subplots
 from ._base import LabView, colour
 
 if TYPE_CHECKING:
-    from ..lab import Lab
+    from ..lab.lab import Lab
 
 #: (metric, row, col, title) of the time-series panels
 SERIES_PANELS = (

@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from ._base import LabView, colour
 
 if TYPE_CHECKING:
-    from ..lab import Lab
+    from ..lab.lab import Lab
 
 
 def ring_position(node_id_hex: str) -> tuple[float, float]:

@@ -26,7 +26,7 @@ import ipywidgets as w
 from ._base import LabView
 
 if TYPE_CHECKING:
-    from ..lab import Lab
+    from ..lab.lab import Lab
 
 _TABLE_STYLE = "border-collapse:collapse;font-size:90%;width:100%"
 _CELL = "padding:1px 6px;border-bottom:1px solid #eee;text-align:left"

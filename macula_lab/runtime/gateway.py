@@ -1,0 +1,137 @@
+"""Node side of attached clients: advertise, discover and call on a client's behalf.
+
+A client process (a notebook attached to a k3s pod, a script) opens a session to
+a node with :func:`macula_lab.connect` and uses the same API as a node.  The
+node does the mesh work:
+
+- ADVERTISE: the node advertises the service *as itself* (the provider entry
+  names this node's id and endpoint) with a relay handler that forwards each
+  call to the client over the client's own session, so the handler runs in the
+  client's process.  The client needs no reachable endpoint of its own.
+- UNADVERTISE, DISCOVER: the node's own unadvertise / discover.
+- SERVICE_CALL: the node's own call (discovery, selection, failover).
+
+When the client's session ends (close, crash, idle timeout) the node withdraws
+every advertisement the client made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ..core.messages import Frame, MessageType
+from ..core.session import PeerInfo
+from ..errors import HandlerError, MaculaError, PeerError, TransportError
+from .services import ServiceUnavailable
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger(__name__)
+
+
+class ServiceOwnedElsewhere(MaculaError):
+    code = "service_owned_elsewhere"
+
+
+class ClientGateway:
+    def __init__(self, node: Node):
+        self.node = node
+        self.clients: dict[bytes, set[str]] = {}  # client node id -> services it advertised here
+        self._owner: dict[str, bytes] = {}  # service -> client that advertised it here
+        node.route(MessageType.ADVERTISE, self._on_advertise)
+        node.route(MessageType.UNADVERTISE, self._on_unadvertise)
+        node.route(MessageType.DISCOVER, self._on_discover)
+        node.route(MessageType.SERVICE_CALL, self._on_service_call)
+        node.transport.on_session_closed = self._on_session_closed
+
+    # ----------------------------------------------------------- handlers
+    async def _on_advertise(self, frame: Frame, peer: PeerInfo):
+        body = frame.body
+        name = body["service"]
+        owner = self._owner.get(name)
+        if owner is not None and owner != peer.node_id:
+            raise ServiceOwnedElsewhere(f"{name} is already relayed here for another client")
+        metadata = {"client": peer.name or peer.short_id, **body["metadata"]}
+        ad = await self.node.advertise(
+            name, self._relay(name, peer.node_id), ttl=float(body["ttl"]), metadata=metadata
+        )
+        self._owner[name] = peer.node_id
+        self.clients.setdefault(peer.node_id, set()).add(name)
+        log.info("%s: relaying %s for attached client %s", self.node.name, name, peer.name or peer.short_id)
+        return MessageType.ADVERTISE_REPLY, {"replicas": ad.replicas}
+
+    async def _on_unadvertise(self, frame: Frame, peer: PeerInfo):
+        name = frame.body["service"]
+        if self._owner.get(name) != peer.node_id:
+            return MessageType.UNADVERTISE_REPLY, {"removed": 0}
+        removed = await self._withdraw(peer.node_id, name)
+        return MessageType.UNADVERTISE_REPLY, {"removed": removed}
+
+    async def _on_discover(self, frame: Frame, peer: PeerInfo):
+        providers = await self.node.discover(frame.body["service"], refresh=frame.body["refresh"])
+        now = asyncio.get_running_loop().time()
+        return MessageType.DISCOVER_REPLY, {"providers": [p.to_wire(now) for p in providers]}
+
+    async def _on_service_call(self, frame: Frame, peer: PeerInfo):
+        b = frame.body
+        result = await self.node.services.call(
+            b["service"],
+            b["args"],
+            timeout=float(b["timeout"]),
+            strategy=b.get("strategy"),
+            max_attempts=b.get("max_attempts"),
+            details=True,
+        )
+        return MessageType.SERVICE_REPLY, {
+            "result": result.value,
+            "provider": result.provider,
+            "node_id": result.node_id,
+            "latency": result.latency,
+        }
+
+    # ------------------------------------------------------------ relaying
+    def _relay(self, name: str, client_id: bytes):
+        node = self.node
+
+        async def relay(args: Any) -> Any:
+            try:
+                reply = await node.transport.request_session(
+                    client_id,
+                    MessageType.CALL,
+                    {"procedure": name, "args": args},
+                    timeout=node.request_timeout,
+                )
+            except PeerError as exc:
+                if exc.remote_code == HandlerError.code:  # the client's handler raised: pass it on as is
+                    raise HandlerError(exc.remote_message, exc.details) from None
+                raise ServiceUnavailable(f"attached client cannot serve {name}: {exc}") from None
+            except TransportError as exc:  # the client is gone or slow: the caller fails over
+                raise ServiceUnavailable(f"attached client for {name} unreachable: {exc}") from None
+            return reply.body["result"]
+
+        return relay
+
+    def _on_session_closed(self, peer: PeerInfo) -> None:
+        names = self.clients.get(peer.node_id)
+        if names:
+            log.info(
+                "%s: client %s left; withdrawing %s",
+                self.node.name,
+                peer.name or peer.short_id,
+                sorted(names),
+            )
+            for name in list(names):
+                self.node.spawn(self._withdraw(peer.node_id, name), name=f"{self.node.name}:withdraw:{name}")
+
+    async def _withdraw(self, client_id: bytes, name: str) -> int:
+        names = self.clients.get(client_id, set())
+        names.discard(name)
+        if not names:
+            self.clients.pop(client_id, None)
+        if self._owner.get(name) == client_id:
+            del self._owner[name]
+            return await self.node.unadvertise(name)
+        return 0

@@ -1,0 +1,155 @@
+"""The inspection API: what a node shows the lab's views, only to holders of its admin token.
+
+A lab in the kernel reads its own nodes directly; a lab attached to nodes in
+containers, pods or on hosts sends them an INSPECT request carrying the lab's
+admin token (``--admin-token`` / ``MACULA_ADMIN_TOKEN``).  Both get the same
+snapshot from :func:`snapshot`, so the views cannot tell them apart.
+
+Sections (ask for a subset to keep replies small):
+
+- ``node``: name, realm, endpoint, id, uptime;
+- ``advertisements``: this node's services with their re-advertisement timers;
+- ``records``: the provider records this node stores, with remaining TTL;
+- ``routing``: the routing table (contacts per bucket);
+- ``cache``: the discovery cache (entries and hit/miss counters);
+- ``providers``: provider selection statistics (selected, calls, latency);
+- ``metrics``: gauges (sizes, ratios) and the samples taken after ``since``
+  (DHT query latency, RPC round trips, re-advertisement lateness);
+- ``events``: the service events after ``since`` (published, re-advertised, ...).
+
+A node without an admin token refuses every INSPECT: inspection is opt-in.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import resource
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..core.messages import Frame, MessageType
+from ..core.session import PeerInfo
+from ..errors import MaculaError
+
+if TYPE_CHECKING:
+    from .node import Node
+
+SECTIONS = ("node", "advertisements", "records", "routing", "cache", "providers", "metrics", "events")
+MAX_SAMPLES = 500  # per series per reply: an attached lab polls often, a slow one catches up next time
+
+
+class Unauthorized(MaculaError):
+    """An INSPECT without the node's admin token (or to a node that has none)."""
+
+    code = "unauthorized"
+
+
+class UnknownSection(MaculaError, ValueError):
+    code = "unknown_section"
+
+
+def check_sections(sections: Any) -> tuple[str, ...]:
+    if sections is None:
+        return SECTIONS
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise UnknownSection(f"unknown inspection sections {unknown}; known: {list(SECTIONS)}")
+    return tuple(sections)
+
+
+def snapshot(node: Node, sections: Any = None, since: float = 0.0) -> dict[str, Any]:
+    """The requested sections of ``node``'s state (all by default); ``since`` is a wall-clock time."""
+    wanted = check_sections(sections)
+    out: dict[str, Any] = {"time": time.time(), "name": node.name}
+    services, dht = node.services, node.dht
+    now = dht.now()
+    if "node" in wanted:
+        out["node"] = {**node.status(), "running": node.running, "ready": node.ready}
+    if "advertisements" in wanted:
+        out["advertisements"] = services.snapshot()["advertisements"]
+    if "records" in wanted:
+        out["records"] = dht.records.snapshot(now)
+    if "routing" in wanted:
+        out["routing"] = dht.table.snapshot(now)
+    if "cache" in wanted:
+        out["cache"] = {"stats": services.cache.stats(), "entries": services.cache.snapshot(now)}
+    if "providers" in wanted:
+        out["providers"] = _providers(node)
+    if "metrics" in wanted:
+        out["metrics"] = _metrics(node, since)
+    if "events" in wanted:
+        out["events"] = [
+            {"at": e.at, "node": e.node, "kind": e.kind, "service": e.service, "detail": e.detail}
+            for e in list(services.events)
+            if e.at > since
+        ][-MAX_SAMPLES:]
+    return out
+
+
+def _names(node: Node) -> dict[str, str]:
+    """node id (hex) -> name, from what this node has seen (routing table, records, itself)."""
+    names = {row["node_id"]: row["name"] for row in node.dht.table.snapshot() if row.get("name")}
+    for row in node.dht.records.snapshot(node.dht.now()):
+        if row["metadata"].get("node"):
+            names.setdefault(row["provider"], row["metadata"]["node"])
+    names[node.node_id.hex()] = node.name
+    return names
+
+
+def _providers(node: Node) -> list[dict[str, Any]]:
+    names = _names(node)
+    rows = node.services.stats.snapshot()
+    for row in rows:
+        row["provider"] = names.get(row["node_id"]) or row["node_id"][:12]
+    return rows
+
+
+def _metrics(node: Node, since: float) -> dict[str, Any]:
+    services, dht = node.services, node.dht
+    cache = services.cache.stats()
+    providers = services.stats.snapshot()
+    gauges = {
+        "routing_table_size": len(dht.table),
+        "stored_keys": len(dht.records),
+        "stored_records": len(dht.records.snapshot(dht.now())),
+        "advertised_services": len(services.ads),
+        "cache_hits": cache["hits"],
+        "cache_misses": cache["misses"],
+        "cache_hit_ratio": cache["hit_ratio"],
+        "pending_calls": sum(p["in_flight"] for p in providers),
+        "successful_calls": services.ok_calls,
+        "tasks": len(node.tasks),
+        "process_rss_bytes": _rss_bytes(),
+    }
+    samples = {
+        series: [[t, v] for t, v in list(values) if t > since][-MAX_SAMPLES:]
+        for series, values in services.samples.items()
+    }
+    return {"gauges": gauges, "samples": samples}
+
+
+def _rss_bytes() -> int:
+    """Current resident memory (Linux /proc), else the peak from getrusage."""
+    try:
+        with open(f"/proc/{os.getpid()}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Inspector:
+    """Serves INSPECT on a node: checks the token, answers the snapshot."""
+
+    def __init__(self, node: Node):
+        self.node = node
+        node.route(MessageType.INSPECT, self._on_inspect)
+
+    def _on_inspect(self, frame: Frame, peer: PeerInfo):
+        expected = self.node.admin_token
+        if not expected:
+            raise Unauthorized(f"node {self.node.name} has no admin token: inspection is disabled")
+        if not hmac.compare_digest(frame.body["token"].encode(), expected.encode()):
+            raise Unauthorized(f"wrong admin token for node {self.node.name}")
+        since = float(frame.body.get("since") or 0.0)
+        return MessageType.INSPECT_REPLY, {"snapshot": snapshot(self.node, frame.body["sections"], since)}

@@ -1,0 +1,611 @@
+"""Services: advertise, re-advertise, discover, call with provider selection and failover.
+
+One :class:`Services` per node (``node.services``; the node's ``advertise``,
+``unadvertise``, ``discover`` and ``call`` delegate here).
+
+- **Advertise** stores the handler locally (so CALLs for the name are answered
+  here), publishes this node as a provider into the DHT (the k closest nodes to
+  ``SHA-256(realm, name)``) and schedules re-advertisement at 80% of the TTL
+  (240 s for the default 300 s).  Advertising again replaces the handler and
+  reschedules: one timer per name, always.
+- **Unadvertise** cancels the timer, removes this provider's entry on the k
+  closest nodes and stops answering calls for the name.
+- **Discover** goes through the discovery cache (60 s by default) and falls back
+  to a DHT lookup that collects the entries of every replica.  Expired entries
+  are never returned.
+- **Call** picks a provider with a strategy (random by default), calls it
+  directly over the pooled connection, and on a timeout, an unreachable or an
+  unavailable provider excludes it, evicts it from the cache and tries the next
+  one; when every known provider failed it asks the DHT once more.  The overall
+  deadline covers every attempt.  A handler that *raised* is not a provider
+  failure: the caller gets :class:`RemoteError` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import re
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..core.cache import DEFAULT_CACHE_TTL, DiscoveryCache
+from ..core.ids import service_key
+from ..core.messages import MessageType
+from ..core.records import ProviderEntry
+from ..core.schedule import ReadvertiseTimer
+from ..core.selection import ProviderStats, SelectionContext, Strategy, make_strategy
+from ..errors import HandlerError, MaculaError, PeerError, RealmMismatch, RequestTimeout, TransportError
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL = 300.0
+DEFAULT_CALL_TIMEOUT = 5.0
+_NAME = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+
+# ------------------------------------------------------------------ errors
+class ServiceNotFound(MaculaError):
+    """No live provider of the service is known to the DHT."""
+
+    code = "service_not_found"
+
+
+class ServiceUnavailable(MaculaError):
+    """This provider cannot serve the call right now (the caller fails over)."""
+
+    code = "service_unavailable"
+
+
+class InvalidServiceName(MaculaError, ValueError):
+    code = "invalid_service_name"
+
+
+class RemoteError(MaculaError):
+    """The provider's handler raised.  ``remote_type`` and ``remote_message`` say what."""
+
+    code = "remote_error"
+
+    def __init__(
+        self,
+        service: str,
+        provider: str,
+        remote_type: str,
+        remote_message: str,
+        remote_traceback: str | None = None,
+    ):
+        super().__init__(f"{service} on {provider} raised {remote_type}: {remote_message}")
+        self.service = service
+        self.provider = provider
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+
+    @classmethod
+    def from_details(
+        cls, service: str, provider: str, details: dict[str, Any], fallback: str = ""
+    ) -> RemoteError:
+        """Rebuild from the ``details`` of a handler_error / remote_error that crossed the wire."""
+        return cls(
+            details.get("service", service),
+            details.get("provider", provider),
+            str(details.get("type", "Exception")),
+            str(details.get("message", fallback)),
+            details.get("traceback"),
+        )
+
+    @property
+    def details(self) -> dict[str, Any]:
+        """Sent along when this error crosses the wire (an attached client rebuilds it)."""
+        d = {
+            "type": self.remote_type,
+            "message": self.remote_message,
+            "service": self.service,
+            "provider": self.provider,
+        }
+        if self.remote_traceback:
+            d["traceback"] = self.remote_traceback
+        return d
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try of a call: which provider, how long, and why it failed (if it did)."""
+
+    provider: str  # provider name (or short id)
+    node_id: str  # hex
+    endpoint: str
+    duration: float
+    error: str | None = None  # "ErrorType: message"
+
+
+class AllProvidersFailed(MaculaError):
+    """Every attempted provider failed; ``attempts`` holds each one's cause."""
+
+    code = "all_providers_failed"
+
+    def __init__(self, service: str, attempts: list[Attempt], reason: str = ""):
+        causes = "; ".join(f"{a.provider}: {a.error}" for a in attempts) or "no attempt was possible"
+        super().__init__(f"{service}: {reason or f'all {len(attempts)} attempts failed'} ({causes})")
+        self.service = service
+        self.attempts = attempts
+
+    @property
+    def details(self) -> dict[str, Any]:
+        return {"service": self.service, "attempts": [a.__dict__ for a in self.attempts]}
+
+
+class CallTimeout(AllProvidersFailed):
+    """The call's overall deadline passed (or every attempt timed out)."""
+
+    code = "call_timeout"
+
+
+# ----------------------------------------------------------------- records
+@dataclass
+class Advertisement:
+    name: str
+    handler: Callable[[Any], Any]
+    ttl: float
+    metadata: dict[str, Any]
+    timer: ReadvertiseTimer
+    seq: int
+    replicas: int = 0  # nodes that acknowledged the last publication
+    task: asyncio.Task | None = None
+    failures: int = 0  # publications that reached no node
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """A successful call, with what the lab shows about it."""
+
+    service: str
+    value: Any
+    provider: str
+    node_id: str
+    endpoint: str
+    latency: float  # seconds, whole call (discovery and failover included)
+    attempts: tuple[Attempt, ...]
+    cache_hit: bool
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened to a service on this node (the lab's narrative)."""
+
+    at: float  # wall clock
+    node: str
+    kind: (
+        str  # published, readvertise_scheduled, readvertised, unadvertised, discovered, called, failover, ...
+    )
+    service: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        extra = " ".join(f"{k}={v}" for k, v in self.detail.items())
+        return f"[{self.node}] {self.kind} {self.service} {extra}".rstrip()
+
+
+class Services:
+    """The service layer of one node."""
+
+    def __init__(
+        self,
+        node: Node,
+        *,
+        cache_ttl: float = DEFAULT_CACHE_TTL,
+        strategy: str | Strategy = "random",
+        debug: bool = False,
+        seed: int | None = None,
+    ):
+        self.node = node
+        self.cache = DiscoveryCache(ttl=cache_ttl)
+        self._strategies: dict[str, Strategy] = {}
+        self.strategy = self._strategy(strategy)
+        self.stats = ProviderStats()
+        self.debug = debug
+        self.rng = random.Random(seed)
+        self.ads: dict[str, Advertisement] = {}
+        self.events: deque[Event] = deque(maxlen=1000)
+        self.samples: dict[str, deque[tuple[float, float]]] = {
+            "dht_query": deque(maxlen=2000),  # (wall time, seconds) of discovery lookups
+            "rpc_rtt": deque(maxlen=2000),  # (wall time, seconds) of successful provider calls
+            "readvertise_lateness": deque(maxlen=2000),
+        }
+        self.ok_calls = 0
+        #: put every successful call in ``events`` (on when someone listens: the lab's views)
+        self.trace_calls = False
+        self._valid_names: set[str] = set()
+        self._ctx_cache: SelectionContext | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._listeners: list[Callable[[Event], None]] = []
+        self._seq = 0
+
+    # ------------------------------------------------------------ events
+    def on_event(self, listener: Callable[[Event], None]) -> None:
+        self._listeners.append(listener)
+        self.trace_calls = True
+
+    def _record_call(self, service: str, provider: ProviderEntry, took: float, attempts: int) -> None:
+        """The "called" event, kept only while calls are traced (it costs ~20% of a cache-hit call)."""
+        detail = {"provider": _label(provider), "ms": took * 1000, "attempts": attempts}
+        self._deliver(Event(time.time(), self.node.name, "called", service, detail))
+
+    def _emit(self, kind: str, service: str, **detail: Any) -> None:
+        event = Event(time.time(), self.node.name, kind, service, detail)
+        log.info("%s", event)
+        self._deliver(event)
+
+    def _deliver(self, event: Event) -> None:
+        self.events.append(event)
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a broken view must not break the node
+                log.exception("event listener failed")
+
+    # --------------------------------------------------------- advertise
+    def key(self, name: str) -> bytes:
+        return service_key(self.node.realm, name)
+
+    def _next_seq(self) -> int:
+        # time-based so that it keeps growing across restarts; strictly increasing here
+        self._seq = max(self._seq + 1, time.time_ns() // 1000)
+        return self._seq
+
+    async def advertise(
+        self,
+        name: str,
+        handler: Callable[[Any], Any],
+        *,
+        ttl: float = DEFAULT_TTL,
+        metadata: dict | None = None,
+    ) -> Advertisement:
+        """See the module docstring.  Concurrent advertise/unadvertise of one name run one at a time."""
+        _check_name(name)
+        async with self._lock(name):
+            return await self._advertise(name, handler, ttl=ttl, metadata=metadata)
+
+    async def _advertise(
+        self,
+        name: str,
+        handler: Callable[[Any], Any],
+        *,
+        ttl: float = DEFAULT_TTL,
+        metadata: dict | None = None,
+    ) -> Advertisement:
+        if not callable(handler):
+            raise TypeError("handler must be callable (args) -> result")
+        now = self._now()
+        old = self.ads.get(name)
+        if old is not None and old.task is not None:
+            old.task.cancel()  # never two timers for one name
+        timer = ReadvertiseTimer.start(name, float(ttl), now)
+        # the provider's name and the service travel with the record: views and labels read them
+        meta = {"node": self.node.name, "service": name, **(metadata or {})}
+        ad = Advertisement(name, handler, float(ttl), meta, timer, self._next_seq())
+        self.ads[name] = ad
+        self.node.procedure(name, _adapt(handler))
+        await self._publish(ad, kind="published")
+        ad.task = self.node.spawn(self._readvertise_loop(ad), name=f"{self.node.name}:readvertise:{name}")
+        self._emit(
+            "readvertise_scheduled",
+            name,
+            every_s=round(timer.interval, 3),
+            next_in_s=round(timer.delay(now), 3),
+        )
+        return ad
+
+    async def _publish(self, ad: Advertisement, *, kind: str) -> None:
+        entry = ProviderEntry(self.node.node_id, self.node.endpoint, ad.metadata, ad.ttl, ad.seq)
+        result = await self.node.dht.store(self.key(ad.name), entry)
+        ad.replicas = result.count
+        if result.count == 0:
+            ad.failures += 1
+        self._emit(kind, ad.name, replicas=result.count, ttl_s=ad.ttl)
+
+    async def _readvertise_loop(self, ad: Advertisement) -> None:
+        """Republish before expiry, until unadvertise (or the node stops)."""
+        while True:
+            await asyncio.sleep(ad.timer.delay(self._now()))
+            lateness = ad.timer.fired(self._now())
+            self.samples["readvertise_lateness"].append((time.time(), lateness))
+            ad.seq = self._next_seq()
+            try:
+                await self._publish(ad, kind="readvertised")
+            except MaculaError as exc:  # keep the schedule: the next fire may succeed
+                ad.failures += 1
+                log.warning("%s: re-advertising %s failed: %s", self.node.name, ad.name, exc)
+
+    def stop_readvertising(self, name: str) -> bool:
+        """Fault injection: kill ``name``'s re-advertisement timer but keep serving and listing it.
+
+        What a crashed timer would do: the DHT records lapse after one TTL.  Procedures
+        use it to show that the checklist catches a provider that never re-advertises.
+        Returns False if ``name`` is not advertised here (or its timer is already gone).
+        """
+        ad = self.ads.get(name)
+        if ad is None or ad.task is None or ad.task.done() or ad.task.cancelling():
+            return False
+        ad.task.cancel()
+        return True
+
+    async def unadvertise(self, name: str) -> int:
+        """Stop serving ``name`` and remove this provider from the DHT; returns replicas that removed it."""
+        async with self._lock(name):
+            return await self._unadvertise(name)
+
+    async def _unadvertise(self, name: str) -> int:
+        ad = self.ads.pop(name, None)
+        if ad is None:
+            return 0
+        if ad.task is not None:
+            ad.task.cancel()
+            await asyncio.gather(ad.task, return_exceptions=True)
+        self.node.remove_procedure(name)
+        self.cache.invalidate(name)
+        removed = await self.node.dht.remove(self.key(name), self.node.node_id)
+        self._emit("unadvertised", name, removed_from=removed)
+        return removed
+
+    # ----------------------------------------------------------- discover
+    async def discover(self, name: str, *, refresh: bool = False) -> list[ProviderEntry]:
+        """Live providers of ``name``: from the cache, else from the DHT."""
+        _check_name(name)
+        if not refresh:
+            cached = self.cache.get(name, self._now())
+            if cached is not None:
+                return cached
+        return await self._lookup(name)
+
+    async def _lookup(self, name: str) -> list[ProviderEntry]:
+        """Ask the DHT (the cache missed, or the caller wants fresh providers)."""
+        t0 = self._now()
+        entries, lookup = await self.node.dht.find(self.key(name))
+        took = self._now() - t0
+        self.samples["dht_query"].append((time.time(), took))
+        entries.sort(key=lambda e: e.node_id)
+        # an empty answer drops the cached entry (and is not cached: a new provider is found at once)
+        self.cache.put(name, entries, self._now())
+        self._emit("discovered", name, providers=len(entries), hops=lookup.hops, ms=round(took * 1000, 2))
+        return entries
+
+    # --------------------------------------------------------------- call
+    async def call(
+        self,
+        name: str,
+        args: Any = None,
+        *,
+        timeout: float = DEFAULT_CALL_TIMEOUT,
+        strategy: str | Strategy | None = None,
+        max_attempts: int | None = None,
+        deadline: float | None = None,
+        details: bool = False,
+    ) -> Any:
+        """Call ``name`` on one provider, failing over; see the module docstring.
+
+        ``timeout`` bounds each attempt (connecting included); ``deadline``
+        (seconds, default ``timeout`` x attempts + 1 s for discovery) bounds the
+        whole call.  Returns the result, or a :class:`CallResult` with ``details``.
+        """
+        if name not in self._valid_names:
+            _check_name(name)
+            if len(self._valid_names) < 10_000:
+                self._valid_names.add(name)
+        chooser = self.strategy if strategy is None else self._strategy(strategy)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        providers = self.cache.get(name, start)  # the fast path: a cache hit, no lookup
+        hit = providers is not None
+        if not hit:
+            providers = await self._lookup(name)
+        if not providers:
+            raise ServiceNotFound(f"no provider of {name!r} in realm {self.node.realm}")
+        allowed = max_attempts if max_attempts is not None else min(3, len(providers))
+        if allowed < 1:
+            raise ValueError("max_attempts must be >= 1")
+        end = start + (deadline if deadline is not None else timeout * allowed + 1.0)
+        attempts: list[Attempt] = []
+        excluded: set[bytes] = set()
+        requeried = False
+        while True:
+            candidates = [p for p in providers if p.node_id not in excluded] if excluded else providers
+            if not candidates or len(attempts) >= allowed:
+                # every provider we knew failed: ask the DHT once more before giving up
+                if requeried:
+                    break
+                requeried = True
+                providers = await self._lookup(name)
+                fresh = [p for p in providers if p.node_id not in excluded]
+                if not providers:
+                    tried = ", ".join(a.provider for a in attempts)
+                    raise ServiceNotFound(
+                        f"no provider of {name!r} is left in realm {self.node.realm} (tried {tried})"
+                    )
+                if not fresh:
+                    break
+                allowed = len(attempts) + min(3, len(fresh))
+                if deadline is None:
+                    end = max(end, loop.time() + timeout * min(3, len(fresh)))
+                continue
+            remaining = end - loop.time()
+            if remaining <= 0:
+                raise CallTimeout(name, attempts, f"deadline of {end - start:.3g}s passed")
+            choice = chooser.choose(name, candidates, self._ctx)
+            stats = self.stats
+            stats.begin(choice.node_id)
+            t0 = loop.time()
+            try:
+                value = await self._invoke(choice, name, args, min(timeout, remaining))
+            except RemoteError:
+                stats.finished(choice.node_id, None, ok=True)  # the provider answered
+                raise
+            except (TransportError, PeerError, RealmMismatch, ServiceUnavailable) as exc:
+                took = loop.time() - t0
+                stats.finished(choice.node_id, None, ok=False)
+                label = _label(choice)
+                attempts.append(
+                    Attempt(
+                        label, choice.node_id.hex(), choice.endpoint, took, f"{type(exc).__name__}: {exc}"
+                    )
+                )
+                excluded.add(choice.node_id)
+                self.cache.evict_provider(name, choice.node_id)
+                self._emit(
+                    "failover", name, provider=label, error=type(exc).__name__, ms=round(took * 1000, 2)
+                )
+                continue
+            except BaseException:  # cancelled, or a bug: keep the in-flight count honest
+                stats.finished(choice.node_id, None, ok=False)
+                raise
+            now = loop.time()
+            stats.finished(choice.node_id, now - t0, ok=True)
+            self.samples["rpc_rtt"].append((time.time(), now - t0))
+            self.ok_calls += 1
+            if self.trace_calls:
+                self._record_call(name, choice, now - t0, len(attempts) + 1)
+            if not details:  # the hot path builds nothing more
+                return value
+            label = _label(choice)
+            attempts.append(Attempt(label, choice.node_id.hex(), choice.endpoint, now - t0))
+            return CallResult(
+                name, value, label, choice.node_id.hex(), choice.endpoint, now - start, tuple(attempts), hit
+            )
+        if attempts and all((a.error or "").startswith("RequestTimeout") for a in attempts):
+            raise CallTimeout(name, attempts, "every attempt timed out")
+        raise AllProvidersFailed(name, attempts)
+
+    async def _invoke(self, provider: ProviderEntry, name: str, args: Any, timeout: float) -> Any:
+        if provider.node_id == self.node.node_id:  # local first really short-circuits
+            return await self._invoke_local(name, args, timeout)
+        body = {"procedure": name, "args": args}
+        transport = self.node.transport
+        try:
+            if transport.session(provider.endpoint) is not None:  # pooled: the request's own timeout
+                reply = await transport.request(provider.endpoint, MessageType.CALL, body, timeout=timeout)
+            else:  # the attempt's timeout must cover connecting too (a dead provider's handshake)
+                async with asyncio.timeout(timeout):
+                    reply = await self.node.request(
+                        provider.endpoint, MessageType.CALL, body, timeout=timeout
+                    )
+        except TimeoutError:
+            raise RequestTimeout(f"{name} on {_label(provider)}: no answer within {timeout:g}s") from None
+        except PeerError as exc:
+            if exc.remote_code == HandlerError.code:  # the handler ran and raised: no failover
+                raise RemoteError.from_details(
+                    name, _label(provider), exc.details, exc.remote_message
+                ) from None
+            raise  # no such procedure there, unavailable, busy...: the caller fails over
+        return reply.body["result"]
+
+    async def _invoke_local(self, name: str, args: Any, timeout: float) -> Any:
+        ad = self.ads.get(name)
+        if ad is None:
+            raise PeerError("no_such_procedure", f"{name} is no longer advertised here")
+        limit = asyncio.timeout(timeout)
+        try:
+            async with limit:
+                result = ad.handler(args)
+                if inspect.isawaitable(result):
+                    result = await result
+        except TimeoutError as exc:
+            if limit.expired():
+                raise RequestTimeout(f"local handler of {name} took longer than {timeout:g}s") from None
+            raise RemoteError(
+                name, self.node.name, type(exc).__name__, str(exc), _tb(exc) if self.debug else None
+            ) from exc
+        except ServiceUnavailable:
+            raise
+        except HandlerError as exc:  # a relayed handler (attached client) raised
+            raise RemoteError.from_details(name, self.node.name, exc.details, str(exc)) from exc
+        except Exception as exc:
+            raise RemoteError(
+                name, self.node.name, type(exc).__name__, str(exc), _tb(exc) if self.debug else None
+            ) from exc
+        return result
+
+    # ------------------------------------------------------------ helpers
+    @property
+    def _ctx(self) -> SelectionContext:
+        ctx = self._ctx_cache
+        if ctx is None or ctx.local_endpoint != self.node.endpoint:
+            ctx = self._ctx_cache = SelectionContext(
+                self.node.node_id, self.node.endpoint, self.stats, self.rng
+            )
+        return ctx
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
+    def _strategy(self, strategy: str | Strategy) -> Strategy:
+        """One instance per strategy name, so that stateful ones (round_robin) keep their state."""
+        if not isinstance(strategy, str):
+            return strategy
+        if strategy not in self._strategies:
+            self._strategies[strategy] = make_strategy(strategy)
+        return self._strategies[strategy]
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
+
+    def snapshot(self) -> dict[str, Any]:
+        now = self._now()
+        return {
+            "node": self.node.name,
+            "advertisements": [
+                {
+                    **ad.timer.snapshot(now),
+                    "replicas": ad.replicas,
+                    "failures": ad.failures,
+                    "metadata": ad.metadata,
+                }
+                for ad in self.ads.values()
+            ],
+            "cache": self.cache.stats(),
+            "cached": self.cache.snapshot(now),
+            "providers": self.stats.snapshot(),
+        }
+
+    def stats_dict(self) -> dict[str, Any]:
+        return {"advertised": len(self.ads), **{f"cache_{k}": v for k, v in self.cache.stats().items()}}
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name) or len(name) > 255:
+        raise InvalidServiceName(f"service names are dot-separated segments of [A-Za-z0-9_-], got {name!r}")
+
+
+def _label(p: ProviderEntry) -> str:
+    return str(p.metadata.get("node") or p.node_id.hex()[:12])
+
+
+def _tb(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))
+
+
+def _adapt(handler: Callable[[Any], Any]) -> Callable[[Any, Any], Any]:
+    """Node procedures take (args, peer); service handlers take (args)."""
+    if inspect.iscoroutinefunction(handler):
+
+        async def call_async(args: Any, peer: Any) -> Any:
+            return await handler(args)
+
+        return call_async
+
+    def call_sync(args: Any, peer: Any) -> Any:
+        return handler(args)
+
+    return call_sync

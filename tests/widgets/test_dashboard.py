@@ -1,0 +1,89 @@
+"""The dashboard: all views composed, closed cleanly; the same widgets on an attached lab."""
+
+from __future__ import annotations
+
+import asyncio
+
+from macula_lab import Lab
+from macula_lab.widgets import Dashboard, dashboard
+
+from .test_base import REALM, lab_fixture, until  # noqa: F401  (the lab fixture)
+
+
+async def test_dashboard_composes_the_views_and_closes_them(lab):
+    before = len(lab._listeners)
+    dash = lab.dashboard(handlers={"py": lambda a: {"py": a}})
+    assert isinstance(dash, Dashboard) and "py" in dash.advertise.handler.options
+    assert len(lab._listeners) == before + 6  # the dashboard and its five views
+    assert "3/3 nodes running" in dash.header.value and dash.errors_view.value == ""
+    dash.advertise.service.value = dash.call.service.value = "svc.py"
+    dash.advertise.handler.value = "py"
+    dash.advertise.advertise_button.click()
+    await dash.advertise.last_task
+    dash.call.args.value = "[1, 2]"
+    dash.call.call_button.click()
+    assert (await dash.call.last_task).value == {"py": [1, 2]}
+    await until(lambda: dash.ttl.advertisement_rows(), what="the TTL watch row")
+    # errors anywhere in the lab are listed under the dashboard
+    dash.call.service.value = "svc.missing"
+    dash.call.call_button.click()
+    await dash.call.last_task
+    await until(lambda: "ServiceNotFound" in dash.errors_view.value, what="the error listed")
+    # running the cell again replaces the dashboard: the first one stops listening
+    again = lab.dashboard()
+    assert dash.closed and len(lab._listeners) == before + 6
+    again.close()
+    widgets = [dash, *dash.views, dash.advertise.advertise_button, dash.metrics.figure, dash.topology.figure]
+    dash.close()
+    assert len(lab._listeners) == before
+    assert all(v.closed for v in dash.views) and all(x.comm is None for x in widgets)
+    await asyncio.sleep(0)
+    assert dash.ttl._ticker.done()
+
+
+async def test_the_same_widgets_drive_an_attached_lab(node_processes, certs):
+    urls = [p.endpoint for p in await node_processes(REALM, "w1dgets")]
+    lab = await Lab.attach(
+        urls, realm=REALM, ca=str(certs["client"].ca), token="w1dgets", sample_interval=0.2
+    )
+    served = []
+
+    def local(args):  # runs here, in the lab's process; the node relays calls to it
+        served.append(args)
+        return {"local": args}
+
+    dash = dashboard(lab, handlers={"local": local})
+    try:
+        assert lab.mode == "attached" and "attached" in dash.header.value
+        ads, call = dash.advertise, dash.call
+        ads.node.value, ads.service.value, ads.handler.value = "node-1", "test.calculator", "calculator"
+        ads.advertise_button.click()
+        assert await ads.last_task >= 1, ads.status_text
+        call.node.value, call.service.value = "node-2", "test.calculator"
+        call.args.value = '{"operation": "add", "a": 10, "b": 5}'
+        call.call_button.click()
+        res = await call.last_task
+        assert res is not None, call.status_text
+        assert res.value == {"result": 15, "node": "node-1"} and "answered by node-1" in call.status_text
+        ads.node.value, ads.service.value, ads.handler.value = "node-3", "svc.local", "local"
+        ads.advertise_button.click()
+        await ads.last_task
+        call.service.value, call.args.value = "svc.local", '"hi"'
+        call.call_button.click()
+        assert (await call.last_task).value == {"local": "hi"} and served == ["hi"]
+        # the views read the nodes' inspection snapshots (admin token)
+        await until(lambda: len(dash.ttl.advertisement_rows()) == 2, what="both advertisements watched")
+        assert {(r["node"], r["service"]) for r in dash.ttl.advertisement_rows()} == {
+            ("node-1", "test.calculator"),
+            ("node-3", "svc.local"),
+        }
+        await until(
+            lambda: any(t.meta == "rpc_rtt_ms" and t.name == "node-2" for t in dash.metrics.figure.data)
+        )
+        await until(
+            lambda: {("node-1", "node-2"), ("node-2", "node-3")} <= dash.topology.edges(), what="links"
+        )
+        assert not [e for e in lab.errors if "Unauthorized" in e["error"]]
+    finally:
+        dash.close()
+        await lab.stop()
