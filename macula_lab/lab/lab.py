@@ -220,6 +220,11 @@ class Lab:
         lab._start_sampler()
         return lab
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the lab's nodes and tasks run on (None before it started)."""
+        return self._loop
+
     # ---------------------------------------------------------------- nodes
     @property
     def nodes(self) -> list[LabNode]:

@@ -42,6 +42,8 @@ class LabNode(ABC):
     """What every lab node offers (see the module docstring)."""
 
     kind = "?"
+    #: True for a node running in this process (its :class:`~macula_lab.runtime.node.Node` is ``.node``)
+    is_local = False
     name: str
 
     @property
@@ -93,6 +95,7 @@ class LabNode(ABC):
 
 class LocalNode(LabNode):
     kind = "local"
+    is_local = True
 
     def __init__(self, node: Node):
         self.node = node

@@ -89,7 +89,8 @@ async def _orphans(ctx: Context) -> Check:
         for name, base in ctx.baseline.items():
             if not ctx.lab.node(name).running:
                 continue
-            g = (await ctx.inspect(name, ["metrics"]))["metrics"]["gauges"]
+            snap = await ctx.inspect(name, ["node", "metrics"])
+            g = snap["metrics"]["gauges"]
             extra = {
                 "tasks": g["tasks"] - base["tasks"],
                 "pending_calls": g["pending_calls"],
@@ -100,16 +101,19 @@ async def _orphans(ctx: Context) -> Check:
                 out[name] = extra
         return out
 
+    async def timers() -> list[str]:
+        """Re-advertisement timers of the checklist's service still alive anywhere (orphans)."""
+        alive = []
+        for handle in ctx.lab.running_nodes():
+            snap = await ctx.inspect(handle.name, ["node"])
+            if ctx.config.service in snap["node"].get("readvertise_timers", []):
+                alive.append(f"{handle.name}:{ctx.config.service}")
+        return alive
+
     # lookups and pings finish within a request timeout: give transient tasks a moment
     clean = await ctx.wait_for(lambda: _none(leftovers), 2.0, 0.1)
     left = {} if clean else await leftovers()
-    local_timers = [
-        t.get_name()
-        for n in ctx.lab.running_nodes()
-        if hasattr(n, "node")
-        for t in n.node.tasks
-        if t.get_name().endswith(f":readvertise:{ctx.config.service}")
-    ]
+    local_timers = await timers()
     errors = list(ctx.lab.errors)
     ok = not left and not local_timers and not errors
     parts = [f"{n}: {d}" for n, d in left.items()]

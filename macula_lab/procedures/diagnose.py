@@ -172,7 +172,7 @@ async def gather_facts(
             "events": snap.get("events") or [],
         }
     # node-to-node pings for nodes in this process; a handshake from here for given endpoints
-    local = [n for n in running if hasattr(n, "node") and lab.transport == "quic"]
+    local = [n for n in running if n.is_local and lab.transport == "quic"]
     for a in local:
         for b in local:
             if a is not b:

@@ -28,7 +28,7 @@ class FaultNotPossible(MaculaError):
 
 def stop_readvertising(lab: Lab, node: str, service: str) -> None:
     handle = lab.node(node)
-    if not hasattr(handle, "node"):
+    if not handle.is_local:
         raise FaultNotPossible(f"{node} is attached: its re-advertisement timer runs in its own process")
     if not handle.node.services.stop_readvertising(service):
         raise FaultNotPossible(f"{node} does not advertise {service}")

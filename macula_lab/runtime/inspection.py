@@ -65,7 +65,12 @@ def snapshot(node: Node, sections: Any = None, since: float = 0.0) -> dict[str, 
     services, dht = node.services, node.dht
     now = dht.now()
     if "node" in wanted:
-        out["node"] = {**node.status(), "running": node.running, "ready": node.ready}
+        out["node"] = {
+            **node.status(),
+            "running": node.running,
+            "ready": node.ready,
+            "readvertise_timers": services.live_timers(),
+        }
     if "advertisements" in wanted:
         out["advertisements"] = services.snapshot()["advertisements"]
     if "records" in wanted:

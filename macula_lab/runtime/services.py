@@ -229,6 +229,8 @@ class Services:
         self._locks: dict[str, asyncio.Lock] = {}
         self._listeners: list[Callable[[Event], None]] = []
         self._seq = 0
+        #: every re-advertisement task not finished yet -> its service (orphans included)
+        self._timers: dict[asyncio.Task, str] = {}
 
     # ------------------------------------------------------------ events
     def on_event(self, listener: Callable[[Event], None]) -> None:
@@ -297,6 +299,9 @@ class Services:
         self.node.procedure(name, _adapt(handler))
         await self._publish(ad, kind="published")
         ad.task = self.node.spawn(self._readvertise_loop(ad), name=f"{self.node.name}:readvertise:{name}")
+        if ad.task is not None:
+            self._timers[ad.task] = name
+            ad.task.add_done_callback(self._timer_done)
         self._emit(
             "readvertise_scheduled",
             name,
@@ -325,6 +330,13 @@ class Services:
             except MaculaError as exc:  # keep the schedule: the next fire may succeed
                 ad.failures += 1
                 log.warning("%s: re-advertising %s failed: %s", self.node.name, ad.name, exc)
+
+    def _timer_done(self, task: asyncio.Task) -> None:
+        self._timers.pop(task, None)
+
+    def live_timers(self) -> list[str]:
+        """Services with a re-advertisement task still running (an unadvertised one is an orphan)."""
+        return sorted(name for task, name in self._timers.items() if not task.done())
 
     def stop_readvertising(self, name: str) -> bool:
         """Fault injection: kill ``name``'s re-advertisement timer but keep serving and listing it.

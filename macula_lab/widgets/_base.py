@@ -133,7 +133,7 @@ class LabView(w.VBox):
         return task
 
     def _spawn(self, coro, name: str) -> asyncio.Task | concurrent.futures.Future:
-        loop = self.lab._loop
+        loop = self.lab.loop
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
