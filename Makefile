@@ -19,6 +19,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check macula_lab tests bench
+	$(BIN)/lint-imports
 	$(BIN)/nbqa ruff notebooks --ignore=B018,E402,F704
 
 test: lint

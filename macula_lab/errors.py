@@ -50,10 +50,22 @@ class MissingField(CodecError):
     code = "missing_field"
 
 
-class InvalidField(CodecError):
-    """A field is present but has the wrong type or value."""
+class InvalidField(CodecError, ValueError):
+    """A value that breaks its rules (see :mod:`macula_lab.core.params`): a wire field or an argument.
+
+    ``field`` names it; it travels in the ERROR frame's details, so a client
+    rebuilds the same error.
+    """
 
     code = "invalid_field"
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+    @property
+    def details(self) -> dict | None:
+        return {"field": self.field} if self.field else None
 
 
 # ----------------------------------------------------------------- transport
@@ -93,10 +105,11 @@ class ConnectionClosed(TransportError):
     code = "connection_closed"
 
 
-class InvalidEndpoint(MaculaError, ValueError):
+class InvalidEndpoint(InvalidField):
     """An endpoint string that cannot be parsed (expected quic://host:port)."""
 
-    code = "invalid_endpoint"
+    def __init__(self, message: str, *, field: str | None = "endpoint"):
+        super().__init__(message, field=field)
 
 
 # ---------------------------------------------------------- session / remote
@@ -138,6 +151,12 @@ class HandlerError(MaculaError):
     def __init__(self, message: str, details: dict | None = None):
         super().__init__(message)
         self.details = details or {}
+
+
+class ServiceUnavailable(MaculaError):
+    """This provider cannot serve the call right now (the caller fails over to another)."""
+
+    code = "service_unavailable"
 
 
 class NotStarted(MaculaError, RuntimeError):

@@ -14,6 +14,7 @@ from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from ..errors import InvalidEndpoint
+from .params import MAX_ENDPOINT, check_host, check_node_name
 
 DEFAULT_PORT = 9443
 QUIC_SCHEMES = ("quic", "https", "macula")
@@ -43,6 +44,8 @@ def parse_endpoint(text: str) -> Endpoint:
     """Parse an endpoint string; raises :class:`InvalidEndpoint` with the reason."""
     if not isinstance(text, str) or not text.strip():
         raise InvalidEndpoint(f"empty endpoint {text!r}")
+    if len(text) > MAX_ENDPOINT:
+        raise InvalidEndpoint(f"endpoint is {len(text)} characters, more than {MAX_ENDPOINT}")
     text = text.strip()
     if "://" not in text:
         text = "quic://" + text  # "host:port" shorthand
@@ -53,6 +56,10 @@ def parse_endpoint(text: str) -> Endpoint:
             name = parts.netloc or parts.path.lstrip("/")
             if not name:
                 raise InvalidEndpoint(f"memory endpoint without a name: {text!r}")
+            try:
+                check_node_name(name)
+            except ValueError as exc:
+                raise InvalidEndpoint(f"bad memory endpoint {text!r}: {exc}") from None
             return Endpoint("mem", name, 0)
         if scheme not in QUIC_SCHEMES:
             raise InvalidEndpoint(f"unsupported scheme {scheme!r} in {text!r} (use quic://host:port)")
@@ -64,7 +71,21 @@ def parse_endpoint(text: str) -> Endpoint:
         raise InvalidEndpoint(f"endpoint without a host: {text!r}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise InvalidEndpoint(f"endpoint must be scheme://host:port, got {text!r}")
-    return Endpoint("quic", host, DEFAULT_PORT if port is None else port)
+    ep = Endpoint("quic", host, DEFAULT_PORT if port is None else port)
+    if not ep.is_ip:  # a name a peer will resolve: one that cannot be encoded would fail every dial
+        try:
+            check_host(host)
+        except ValueError as exc:
+            raise InvalidEndpoint(f"bad endpoint {text[:80]!r}: {exc}") from None
+    return ep
+
+
+def check_endpoint(value: object, field: str = "endpoint") -> str:
+    """A valid endpoint (the canonical string form), or :class:`InvalidEndpoint` naming ``field``."""
+    try:
+        return str(parse_endpoint(value))  # type: ignore[arg-type]  # non-strings are refused there
+    except InvalidEndpoint as exc:
+        raise InvalidEndpoint(f"{field}: {exc}", field=field) from None
 
 
 @lru_cache(maxsize=4096)
@@ -74,3 +95,18 @@ def normalize_endpoint(text: str) -> str:
     Cached: it runs on every request, and a node talks to a bounded set of peers.
     """
     return str(parse_endpoint(text))
+
+
+def parse_host_port(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """Parse ``host:port``, ``[v6]:port``, ``:port`` or ``port``; raises ValueError."""
+    text = text.strip()
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = "", text
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"IPv6 address must be in brackets: {text!r}")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"expected host:port with a port 0-65535, got {text!r}")
+    return host or default_host, int(port_text)

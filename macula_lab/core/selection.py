@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from ..errors import MaculaError
+from ..errors import InvalidField
 from .records import ProviderEntry
 
 LATENCY_ALPHA = 0.3
@@ -41,15 +41,16 @@ DEFAULT_MAX_PROVIDERS = 10_000
 MAX_ROUND_ROBIN_SERVICES = 10_000
 
 
-class UnknownStrategy(MaculaError, ValueError):
-    """A provider selection strategy name that is not registered."""
-
-    code = "unknown_strategy"
+class UnknownStrategy(InvalidField):
+    """A provider selection strategy name that is not registered (``field`` is ``strategy``)."""
 
     def __init__(self, name: object, known: Sequence[str]):
         self.name = name
         self.known = sorted(known)
-        super().__init__(f"unknown provider selection strategy {name!r}; known: {', '.join(self.known)}")
+        super().__init__(
+            f"strategy: unknown provider selection strategy {name!r}; known: {', '.join(self.known)}",
+            field="strategy",
+        )
 
 
 # ---------------------------------------------------------------- statistics

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..core.codec import DEFAULT_MAX_FRAME_SIZE
-from ..core.endpoint import Endpoint, parse_endpoint
+from ..core.endpoint import Endpoint, parse_endpoint, parse_host_port
 from ..errors import InvalidEndpoint, MaculaError
 from ..runtime.handlers import BUILTINS
 
@@ -174,21 +174,6 @@ class NodeConfig:
         if values["admin_token"]:
             values["admin_token"] = "***"
         return values
-
-
-def parse_host_port(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
-    """Parse ``host:port``, ``[v6]:port``, ``:port`` or ``port``; raises ValueError."""
-    text = text.strip()
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = "", text
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"IPv6 address must be in brackets: {text!r}")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"expected host:port with a port 0-65535, got {text!r}")
-    return host or default_host, int(port_text)
 
 
 # ---------------------------------------------------------------- validation

@@ -16,25 +16,25 @@ come back with the same names as on a node.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
-from ..core.messages import MessageType
+from ..core import params
+from ..core.messages import NODE_ID_SIZE, MessageType
+from ..core.params import DEFAULT_CALL_TIMEOUT, DEFAULT_TTL
 from ..core.records import ProviderEntry
+from ..core.session import Identity, PeerInfo
 from ..errors import InvalidField, MaculaError, PeerError
+from ..runtime.host import Host, as_procedure
 from ..runtime.inspection import Unauthorized, check_sections
-from ..runtime.node import Node
+from ..runtime.node import make_transport
 from ..runtime.services import (
-    DEFAULT_CALL_TIMEOUT,
-    DEFAULT_TTL,
     AllProvidersFailed,
     Attempt,
     CallResult,
     CallTimeout,
-    InvalidServiceName,
     RemoteError,
     ServiceNotFound,
-    _adapt,
-    _check_name,
 )
 from ..transport.quic import TlsConfig
 
@@ -42,56 +42,69 @@ from ..transport.quic import TlsConfig
 async def connect(
     url: str,
     *,
-    realm: str,
+    realm: str = params.DEFAULT_REALM,
     node_id: bytes | str | None = None,
     ca: str | None = None,
     insecure: bool = False,
     name: str | None = None,
     timeout: float = 5.0,
     debug: bool = False,
+    network: Any = None,
 ) -> Client:
-    """Attach to the node at ``url``; raises RealmMismatch, CertificateError, ConnectTimeout..."""
-    node = Node(
-        name=name,
-        realm=realm,
-        node_id=node_id,
+    """Attach to the node at ``url``; raises RealmMismatch, CertificateError, ConnectTimeout...
+
+    ``network``: attach over the simulated network (a
+    :class:`~macula_lab.transport.memory.MemoryNetwork`) instead of QUIC.
+    """
+    params.check_realm(realm)
+    timeout = params.check_timeout(timeout)
+    node_id = os.urandom(NODE_ID_SIZE) if node_id is None else params.check_node_id(node_id)
+    name = params.check_node_name(name) if name is not None else f"client-{node_id.hex()[:8]}"
+    identity = Identity(node_id=node_id, realm=realm, name=name)
+    transport = make_transport(
+        identity,
         listen=None,
-        tls=TlsConfig(ca=ca, verify=not insecure),
+        tls=None if network is not None else TlsConfig(ca=ca, verify=not insecure),
+        network=network,
         connect_timeout=timeout,
         request_timeout=timeout,
-        debug=debug,
         # the session must outlive quiet periods: pings keep it up until close()
-        transport_options={"idle_timeout": math.inf},
+        options={} if network is not None else {"idle_timeout": math.inf},
     )
-    await node.start()
+    host = Host(identity, transport, request_timeout=timeout, debug=debug)
+    await host.start()
     try:
-        peer = await node.transport.connect(url)
+        peer = await host.connect(url)
     except BaseException:
-        await node.stop()
+        await host.stop()
         raise
-    return Client(url, node, peer)
+    return Client(url, host, peer)
 
 
 class Client:
     """The node API (advertise, unadvertise, discover, call) over a session to a remote node."""
 
-    def __init__(self, url: str, node: Node, peer: Any):
+    def __init__(self, url: str, host: Host, peer: PeerInfo):
         self.url = url
-        self.node = node
+        self.host = host
         self.peer = peer  # the node we are attached to
         self.advertised: dict[str, float] = {}
 
     @property
     def name(self) -> str:
-        return self.node.name
+        return self.host.name
 
     @property
     def node_id(self) -> bytes:
-        return self.node.node_id
+        return self.host.node_id
+
+    @property
+    def running(self) -> bool:
+        return self.host.running
 
     async def _ask(self, mtype: MessageType, body: dict[str, Any], timeout: float | None = None):
         try:
-            return await self.node.request(self.url, mtype, body, timeout=timeout)
+            return await self.host.request(self.url, mtype, body, timeout=timeout)
         except PeerError as exc:
             raise _rebuild(exc) from None
 
@@ -99,26 +112,28 @@ class Client:
         self, name: str, handler, *, ttl: float = DEFAULT_TTL, metadata: dict | None = None
     ) -> int:
         """Serve ``name`` from this process through the attached node; returns replica count."""
-        _check_name(name)
-        self.node.procedure(name, _adapt(handler))
+        params.check_service_name(name)
+        ttl = params.check_ttl(ttl)
+        metadata = params.check_metadata(metadata)
+        if not callable(handler):
+            raise TypeError("handler must be callable (args) -> result")
+        self.host.procedure(name, as_procedure(handler))
         reply = await self._ask(
-            MessageType.ADVERTISE,
-            {"service": name, "ttl": float(ttl), "metadata": dict(metadata or {})},
-            timeout=30.0,
+            MessageType.ADVERTISE, {"service": name, "ttl": ttl, "metadata": dict(metadata)}, timeout=30.0
         )
-        self.advertised[name] = float(ttl)
+        self.advertised[name] = ttl
         return reply.body["replicas"]
 
     async def unadvertise(self, name: str) -> int:
         reply = await self._ask(MessageType.UNADVERTISE, {"service": name}, timeout=30.0)
-        self.node.remove_procedure(name)
+        self.host.remove_procedure(name)
         self.advertised.pop(name, None)
         return reply.body["removed"]
 
     async def discover(self, name: str, *, refresh: bool = False) -> list[ProviderEntry]:
-        _check_name(name)
+        params.check_service_name(name)
         reply = await self._ask(MessageType.DISCOVER, {"service": name, "refresh": refresh}, timeout=30.0)
-        now = self.node.dht.now()
+        now = self.host.now()
         out = []
         for item in reply.body["providers"]:
             try:
@@ -143,21 +158,21 @@ class Client:
         details: bool = False,
     ) -> Any:
         """Call ``name`` through the attached node (which discovers, selects and fails over)."""
-        _check_name(name)
-        body: dict[str, Any] = {"service": name, "args": args, "timeout": float(timeout)}
+        params.check_service_name(name)
+        body: dict[str, Any] = {"service": name, "args": args, "timeout": params.check_timeout(timeout)}
         if strategy is not None:
             body["strategy"] = strategy
         if max_attempts is not None:
-            body["max_attempts"] = max_attempts
+            body["max_attempts"] = params.check_attempts(max_attempts)
         # the node's own deadline is timeout x attempts + 1 s; leave room for it to answer
         overall = timeout * (max_attempts or 3) + 3.0
-        loop_t0 = self.node.dht.now()
+        loop_t0 = self.host.now()
         reply = await self._ask(MessageType.SERVICE_CALL, body, timeout=overall)
         b = reply.body
         if not details:
             return b["result"]
         return CallResult(
-            name, b["result"], b["provider"], b["node_id"], "", self.node.dht.now() - loop_t0, (), False
+            name, b["result"], b["provider"], b["node_id"], "", self.host.now() - loop_t0, (), False
         )
 
     async def inspect(self, token: str, sections: Any = None, since: float = 0.0) -> dict[str, Any]:
@@ -171,7 +186,7 @@ class Client:
 
     async def close(self) -> None:
         """Close the session: the node withdraws this client's advertisements."""
-        await self.node.stop()
+        await self.host.stop()
 
     async def __aenter__(self) -> Client:
         return self
@@ -191,8 +206,8 @@ def _rebuild(exc: PeerError) -> MaculaError:
         return Unauthorized(exc.remote_message)
     if code == ServiceNotFound.code:
         return ServiceNotFound(exc.remote_message)
-    if code == InvalidServiceName.code:
-        return InvalidServiceName(exc.remote_message)
+    if code == InvalidField.code:
+        return InvalidField(exc.remote_message, field=d.get("field"))
     if code == RemoteError.code:
         return RemoteError.from_details("?", "?", d, exc.remote_message)
     if code in (AllProvidersFailed.code, CallTimeout.code):

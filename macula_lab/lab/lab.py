@@ -43,6 +43,7 @@ from ..runtime.inspection import SECTIONS
 from . import sync as _sync
 from .metrics import MetricsRecorder
 from .nodes import AttachedNode, LabNode, LocalNode
+from .views import open_view
 
 log = logging.getLogger(__name__)
 
@@ -503,12 +504,10 @@ class Lab:
     # ------------------------------------------------------------ views
     def dashboard(self, **kw: Any):
         """All the widgets, composed (needs the ``notebook`` extra)."""
-        from ..widgets import dashboard
-
         # re-running the cell replaces the dashboard: the old one stops refreshing
         if self._dashboard is not None:
             self._dashboard.close()
-        self._dashboard = dashboard(self, **kw)
+        self._dashboard = open_view("dashboard", self, **kw)
         return self._dashboard
 
     def _rows(self) -> list[dict[str, Any]]:

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import MaculaError
 from ..runtime.handlers import make_handler
-from ..runtime.inspection import snapshot
 
 if TYPE_CHECKING:
     from ..core.records import ProviderEntry
@@ -132,7 +131,7 @@ class LocalNode(LabNode):
 
     async def inspect(self, sections: Any = None, since: float = 0.0) -> dict[str, Any]:
         self._check_running()
-        return snapshot(self.node, sections, since)
+        return self.node.inspector.snapshot(sections, since)
 
 
 class AttachedNode(LabNode):
@@ -151,7 +150,7 @@ class AttachedNode(LabNode):
 
     @property
     def running(self) -> bool:
-        return not self._closed and self.client.node.running
+        return not self._closed and self.client.running
 
     async def advertise(self, service, handler, *, ttl=300, metadata=None) -> int:
         self._check_running()

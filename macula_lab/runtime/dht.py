@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ..core.ids import bucket_index, hex_short, random_id_in_bucket, service_key, xor_distance
 from ..core.lookup import Lookup, LookupResult
 from ..core.messages import Frame, MessageType
+from ..core.params import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_QUERY_TIMEOUT
 from ..core.records import ProviderEntry, RecordStore, keys_to_hand_over
 from ..core.routing import Contact, PingNeeded, RoutingTable
 from ..core.session import PeerInfo
@@ -35,11 +36,10 @@ from ..errors import InvalidField, MaculaError
 from ..transport.base import raise_for_error
 
 if TYPE_CHECKING:
-    from .node import Node
+    from .host import Host
 
 log = logging.getLogger(__name__)
 
-DEFAULT_QUERY_TIMEOUT = 0.5  # seconds; a peer slower than this is skipped for this lookup
 DEFAULT_REFRESH_INTERVAL = 3600.0
 MAX_CONTACTS_PER_REPLY = 64
 MAX_VALUES_PER_REPLY = 100
@@ -75,24 +75,24 @@ class StoreResult:
 
 
 class Dht:
-    """Kademlia for one :class:`~macula_lab.runtime.node.Node`."""
+    """Kademlia for one node (its :class:`~.host.Host`); implements :class:`~.interfaces.Directory`."""
 
     def __init__(
         self,
-        node: Node,
+        host: Host,
         *,
-        k: int = 20,
-        alpha: int = 3,
+        k: int = DEFAULT_K,
+        alpha: int = DEFAULT_ALPHA,
         query_timeout: float = DEFAULT_QUERY_TIMEOUT,
         refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
         record_store: RecordStore | None = None,
     ):
-        self.node = node
+        self.host = host
         self.k = k
         self.alpha = alpha
         self.query_timeout = query_timeout
         self.refresh_interval = refresh_interval
-        self.table = RoutingTable(node.node_id, k=k)
+        self.table = RoutingTable(host.node_id, k=k)
         self.records = record_store or RecordStore()
         self.lookups: deque[LookupRecord] = deque(maxlen=500)
         self.rtt = RttEstimator(ceiling=query_timeout)
@@ -106,11 +106,11 @@ class Dht:
             "bad_items": 0,
         }
         self._wake_sweeper = asyncio.Event()
-        node.route(MessageType.FIND_NODE, self._on_find_node)
-        node.route(MessageType.FIND_VALUE, self._on_find_value)
-        node.route(MessageType.STORE, self._on_store)
-        node.route(MessageType.REMOVE, self._on_remove)
-        node.observe_peers(self._on_peer)
+        host.route(MessageType.FIND_NODE, self._on_find_node)
+        host.route(MessageType.FIND_VALUE, self._on_find_value)
+        host.route(MessageType.STORE, self._on_store)
+        host.route(MessageType.REMOVE, self._on_remove)
+        host.observe_peers(self._on_peer)
 
     # -------------------------------------------------------------- clock
     @staticmethod
@@ -120,13 +120,13 @@ class Dht:
     def start(self) -> None:
         """Start the background work (called by the node once it is listening)."""
         self._wake_sweeper = asyncio.Event()
-        self.node.spawn(self._sweep_expired(), name=f"{self.node.name}:dht-expiry")
-        self.node.spawn(self._refresh_buckets(), name=f"{self.node.name}:dht-refresh")
+        self.host.spawn(self._sweep_expired(), name=f"{self.host.name}:dht-expiry")
+        self.host.spawn(self._refresh_buckets(), name=f"{self.host.name}:dht-refresh")
 
     # ------------------------------------------------------- contacts in
     def _on_peer(self, peer: PeerInfo) -> None:
         """A request came in from ``peer``: it is alive, maybe new to us."""
-        if peer.endpoint and peer.node_id != self.node.node_id:
+        if peer.endpoint and peer.node_id != self.host.node_id:
             self._observe(Contact(peer.node_id, peer.endpoint, peer.name))
 
     def _observe(self, contact: Contact) -> None:
@@ -137,7 +137,7 @@ class Dht:
         is_new = contact.node_id not in self.table
         decision = self.table.observe(contact, now)
         if isinstance(decision, PingNeeded):
-            self.node.spawn(self._ping_oldest(decision), name=f"{self.node.name}:dht-ping")
+            self.host.spawn(self._ping_oldest(decision), name=f"{self.host.name}:dht-ping")
         # a newcomer gets the records it is now responsible for, even if its bucket here
         # is full (it waits in the replacement cache, but other nodes will route to it)
         if is_new and len(self.records) and contact.node_id not in self._handed_over:
@@ -150,7 +150,7 @@ class Dht:
         oldest = decision.oldest
         try:
             async with asyncio.timeout(self.query_timeout):
-                await self.node.ping(oldest.endpoint)
+                await self.host.ping(oldest.endpoint)
             alive = True
         except (MaculaError, OSError, TimeoutError):
             alive = False
@@ -160,7 +160,7 @@ class Dht:
         keys = keys_to_hand_over(self.records.keys(), contact, self.table, self.k)
         if keys:
             self.counters["handovers"] += len(keys)
-            self.node.spawn(self._send_records(contact, keys), name=f"{self.node.name}:dht-handover")
+            self.host.spawn(self._send_records(contact, keys), name=f"{self.host.name}:dht-handover")
 
     async def _send_records(self, contact: Contact, keys: list[bytes]) -> None:
         now = self.now()
@@ -231,14 +231,14 @@ class Dht:
         """
         body = dict(body)  # its own request id
         try:
-            fut = self.node.send_request(
+            fut = self.host.send_request(
                 contact.endpoint, mtype, body, timeout=self.query_timeout, notify=wake
             )
         except MaculaError:  # the session closed just now: let the slow path reconnect
             fut = None
         if fut is not None:
             return _Query(fut, contact, self.now(), direct=True)
-        task = self.node.spawn(self._query(contact, mtype, body), name=f"{self.node.name}:query")
+        task = self.host.spawn(self._query(contact, mtype, body), name=f"{self.host.name}:query")
         if task is None:
             return None
         task.add_done_callback(wake)
@@ -282,7 +282,7 @@ class Dht:
         """One query, bounded by the per-query timeout (connecting included)."""
         try:
             async with asyncio.timeout(self.query_timeout):
-                reply = await self.node.request(contact.endpoint, mtype, body, timeout=self.query_timeout)
+                reply = await self.host.request(contact.endpoint, mtype, body, timeout=self.query_timeout)
         except TimeoutError:
             raise _QueryFailed(
                 f"{contact.name or contact.short_id} did not answer within {self.query_timeout:g}s"
@@ -293,7 +293,7 @@ class Dht:
 
     def _checked(self, contact: Contact, reply: Frame) -> Frame:
         """``contact`` answered: still the node we think it is?  Then it is alive."""
-        peer = self.node.transport.session(contact.endpoint)
+        peer = self.host.session(contact.endpoint)
         if peer is not None and peer.node_id != contact.node_id:
             # the endpoint now belongs to another node: the contact is stale
             self.table.remove(contact.node_id)
@@ -350,7 +350,7 @@ class Dht:
             self.table.closest(target, 1 if hedged else width),
             k=width,
             alpha=self.alpha,
-            self_id=self.node.node_id,
+            self_id=self.host.node_id,
             find_value=find_value,
             collect_values=collect_values,
             hedged=hedged,
@@ -457,8 +457,8 @@ class Dht:
             lk.on_reply(q.contact.node_id, self._parse_contacts(body.get("nodes")), now, value=value or None)
 
     def _touch(self, target: bytes) -> None:
-        if target != self.node.node_id:
-            self.table.touch_bucket(bucket_index(self.node.node_id, target), self.now())
+        if target != self.host.node_id:
+            self.table.touch_bucket(bucket_index(self.host.node_id, target), self.now())
 
     # ------------------------------------------------------- operations
     async def bootstrap(self, seeds: list[str]) -> int:
@@ -467,20 +467,20 @@ class Dht:
         Returns the number of contacts in the routing table afterwards.
         """
         for seed in seeds:
-            if seed == self.node.endpoint:
+            if seed == self.host.endpoint:
                 continue
             try:
-                async with asyncio.timeout(self.node.transport.connect_timeout + 1):
-                    peer = await self.node.transport.connect(seed)
+                async with asyncio.timeout(self.host.connect_timeout + 1):
+                    peer = await self.host.connect(seed)
             except (MaculaError, OSError, TimeoutError) as exc:
-                log.warning("%s: bootstrap peer %s not reachable: %s", self.node.name, seed, exc)
+                log.warning("%s: bootstrap peer %s not reachable: %s", self.host.name, seed, exc)
                 continue
             self._observe(Contact(peer.node_id, seed, peer.name))
         if len(self.table):
-            result = await self.lookup(self.node.node_id, kind="bootstrap", patient=True)
+            result = await self.lookup(self.host.node_id, kind="bootstrap", patient=True)
             log.info(
                 "%s joined: %d contacts after a self-lookup of %d hops (%d nodes contacted)",
-                self.node.name,
+                self.host.name,
                 len(self.table),
                 result.hops,
                 result.contacted,
@@ -490,7 +490,7 @@ class Dht:
             # lookups through it cannot reach the rest of the id space.  Only the farthest
             # *empty* ones (the far half, the far quarter): with 200 nodes in one process,
             # refreshing every sparse bucket per join made building the mesh 10x slower.
-            self.node.spawn(self._refresh_far_buckets(), name=f"{self.node.name}:dht-join-refresh")
+            self.host.spawn(self._refresh_far_buckets(), name=f"{self.host.name}:dht-join-refresh")
         return len(self.table)
 
     async def _refresh_far_buckets(self, limit: int = 2) -> None:
@@ -502,13 +502,13 @@ class Dht:
         for index in empty:
             # a narrow lookup (alpha wide, not k): a few contacts there are enough to route
             # through, and each new contact costs a QUIC handshake
-            await self.lookup(random_id_in_bucket(self.node.node_id, index), kind="refresh", width=self.alpha)
+            await self.lookup(random_id_in_bucket(self.host.node_id, index), kind="refresh", width=self.alpha)
 
     def _is_replica(self, key: bytes, closest: list[Contact]) -> bool:
         """Is this node among the k closest to ``key`` (given the lookup's closest)?"""
         if len(closest) < self.k:
             return True
-        return xor_distance(self.node.node_id, key) < xor_distance(closest[self.k - 1].node_id, key)
+        return xor_distance(self.host.node_id, key) < xor_distance(closest[self.k - 1].node_id, key)
 
     async def store(self, key: bytes, entry: ProviderEntry) -> StoreResult:
         """Store ``entry`` on the k closest nodes to ``key`` (this node too if it is one)."""
@@ -528,7 +528,7 @@ class Dht:
         if local:
             if self.records.store(key, entry, self.now()):
                 self._wake_sweeper.set()
-                replicas.insert(0, Contact(self.node.node_id, self.node.endpoint, self.node.name))
+                replicas.insert(0, Contact(self.host.node_id, self.host.endpoint, self.host.name))
         return StoreResult(key, replicas, result)
 
     async def find(self, key: bytes, *, exhaustive: bool = False) -> tuple[list[ProviderEntry], LookupResult]:
@@ -594,20 +594,20 @@ class Dht:
             removed = self.records.expire(self.now())
             if removed:
                 self.counters["expired"] += len(removed)
-                log.debug("%s: %d provider entries expired", self.node.name, len(removed))
+                log.debug("%s: %d provider entries expired", self.host.name, len(removed))
 
     async def _refresh_buckets(self) -> None:
         period = max(1.0, self.refresh_interval / 4)
         while True:
             await asyncio.sleep(period)
             for index in self.table.buckets_needing_refresh(self.now(), self.refresh_interval):
-                await self.lookup(random_id_in_bucket(self.node.node_id, index), kind="refresh")
+                await self.lookup(random_id_in_bucket(self.host.node_id, index), kind="refresh")
 
     # ------------------------------------------------------ observability
     def snapshot(self) -> dict[str, Any]:
         now = self.now()
         return {
-            "node": self.node.name,
+            "node": self.host.name,
             "routing_table": self.table.snapshot(now),
             "records": self.records.snapshot(now),
             "lookups": [r.__dict__ for r in list(self.lookups)[-50:]],

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.messages import Frame, MessageType
 from ..core.session import PeerInfo
-from ..errors import HandlerError, MaculaError, PeerError, TransportError
-from .services import ServiceUnavailable
+from ..errors import HandlerError, MaculaError, PeerError, ServiceUnavailable, TransportError
 
 if TYPE_CHECKING:
-    from .node import Node
+    from .host import Host
+    from .interfaces import ServiceApi
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +37,18 @@ class ServiceOwnedElsewhere(MaculaError):
 
 
 class ClientGateway:
-    def __init__(self, node: Node):
-        self.node = node
+    """Serves ADVERTISE, UNADVERTISE, DISCOVER and SERVICE_CALL for attached clients (see the module docstring)."""
+
+    def __init__(self, host: Host, services: ServiceApi):
+        self.host = host
+        self.services = services
         self.clients: dict[bytes, set[str]] = {}  # client node id -> services it advertised here
         self._owner: dict[str, bytes] = {}  # service -> client that advertised it here
-        node.route(MessageType.ADVERTISE, self._on_advertise)
-        node.route(MessageType.UNADVERTISE, self._on_unadvertise)
-        node.route(MessageType.DISCOVER, self._on_discover)
-        node.route(MessageType.SERVICE_CALL, self._on_service_call)
-        node.transport.on_session_closed = self._on_session_closed
+        host.route(MessageType.ADVERTISE, self._on_advertise)
+        host.route(MessageType.UNADVERTISE, self._on_unadvertise)
+        host.route(MessageType.DISCOVER, self._on_discover)
+        host.route(MessageType.SERVICE_CALL, self._on_service_call)
+        host.on_session_closed(self._on_session_closed)
 
     # ----------------------------------------------------------- handlers
     async def _on_advertise(self, frame: Frame, peer: PeerInfo):
@@ -55,12 +58,12 @@ class ClientGateway:
         if owner is not None and owner != peer.node_id:
             raise ServiceOwnedElsewhere(f"{name} is already relayed here for another client")
         metadata = {"client": peer.name or peer.short_id, **body["metadata"]}
-        ad = await self.node.advertise(
+        ad = await self.services.advertise(
             name, self._relay(name, peer.node_id), ttl=float(body["ttl"]), metadata=metadata
         )
         self._owner[name] = peer.node_id
         self.clients.setdefault(peer.node_id, set()).add(name)
-        log.info("%s: relaying %s for attached client %s", self.node.name, name, peer.name or peer.short_id)
+        log.info("%s: relaying %s for attached client %s", self.host.name, name, peer.name or peer.short_id)
         return MessageType.ADVERTISE_REPLY, {"replicas": ad.replicas}
 
     async def _on_unadvertise(self, frame: Frame, peer: PeerInfo):
@@ -71,13 +74,13 @@ class ClientGateway:
         return MessageType.UNADVERTISE_REPLY, {"removed": removed}
 
     async def _on_discover(self, frame: Frame, peer: PeerInfo):
-        providers = await self.node.discover(frame.body["service"], refresh=frame.body["refresh"])
+        providers = await self.services.discover(frame.body["service"], refresh=frame.body["refresh"])
         now = asyncio.get_running_loop().time()
         return MessageType.DISCOVER_REPLY, {"providers": [p.to_wire(now) for p in providers]}
 
     async def _on_service_call(self, frame: Frame, peer: PeerInfo):
         b = frame.body
-        result = await self.node.services.call(
+        result = await self.services.call(
             b["service"],
             b["args"],
             timeout=float(b["timeout"]),
@@ -94,15 +97,15 @@ class ClientGateway:
 
     # ------------------------------------------------------------ relaying
     def _relay(self, name: str, client_id: bytes):
-        node = self.node
+        host = self.host
 
         async def relay(args: Any) -> Any:
             try:
-                reply = await node.transport.request_session(
+                reply = await host.request_session(
                     client_id,
                     MessageType.CALL,
                     {"procedure": name, "args": args},
-                    timeout=node.request_timeout,
+                    timeout=host.request_timeout,
                 )
             except PeerError as exc:
                 if exc.remote_code == HandlerError.code:  # the client's handler raised: pass it on as is
@@ -119,12 +122,12 @@ class ClientGateway:
         if names:
             log.info(
                 "%s: client %s left; withdrawing %s",
-                self.node.name,
+                self.host.name,
                 peer.name or peer.short_id,
                 sorted(names),
             )
             for name in list(names):
-                self.node.spawn(self._withdraw(peer.node_id, name), name=f"{self.node.name}:withdraw:{name}")
+                self.host.spawn(self._withdraw(peer.node_id, name), name=f"{self.host.name}:withdraw:{name}")
 
     async def _withdraw(self, client_id: bytes, name: str) -> int:
         names = self.clients.get(client_id, set())
@@ -133,5 +136,5 @@ class ClientGateway:
             self.clients.pop(client_id, None)
         if self._owner.get(name) == client_id:
             del self._owner[name]
-            return await self.node.unadvertise(name)
+            return await self.services.unadvertise(name)
         return 0

@@ -26,6 +26,7 @@ import hmac
 import os
 import resource
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..core.messages import Frame, MessageType
@@ -33,7 +34,9 @@ from ..core.session import PeerInfo
 from ..errors import MaculaError
 
 if TYPE_CHECKING:
-    from .node import Node
+    from .dht import Dht
+    from .host import Host
+    from .services import Services
 
 SECTIONS = ("node", "advertisements", "records", "routing", "cache", "providers", "metrics", "events")
 MAX_SAMPLES = 500  # per series per reply: an attached lab polls often, a slow one catches up next time
@@ -58,80 +61,107 @@ def check_sections(sections: Any) -> tuple[str, ...]:
     return tuple(sections)
 
 
-def snapshot(node: Node, sections: Any = None, since: float = 0.0) -> dict[str, Any]:
-    """The requested sections of ``node``'s state (all by default); ``since`` is a wall-clock time."""
-    wanted = check_sections(sections)
-    out: dict[str, Any] = {"time": time.time(), "name": node.name}
-    services, dht = node.services, node.dht
-    now = dht.now()
-    if "node" in wanted:
-        out["node"] = {
-            **node.status(),
-            "running": node.running,
-            "ready": node.ready,
-            "readvertise_timers": services.live_timers(),
+class Inspector:
+    """Serves INSPECT on a node: checks the token, answers the snapshot (see the module docstring)."""
+
+    def __init__(
+        self,
+        host: Host,
+        dht: Dht,
+        services: Services,
+        *,
+        status: Callable[[], dict[str, Any]],
+        ready: Callable[[], bool],
+        token: str | None,
+    ):
+        self.host = host
+        self.dht = dht
+        self.services = services
+        self._status = status
+        self._ready = ready
+        self._token = token
+        host.route(MessageType.INSPECT, self._on_inspect)
+
+    def _on_inspect(self, frame: Frame, peer: PeerInfo):
+        expected = self._token
+        if not expected:
+            raise Unauthorized(f"node {self.host.name} has no admin token: inspection is disabled")
+        if not hmac.compare_digest(frame.body["token"].encode(), expected.encode()):
+            raise Unauthorized(f"wrong admin token for node {self.host.name}")
+        since = float(frame.body.get("since") or 0.0)
+        return MessageType.INSPECT_REPLY, {"snapshot": self.snapshot(frame.body["sections"], since)}
+
+    def snapshot(self, sections: Any = None, since: float = 0.0) -> dict[str, Any]:
+        """The requested sections of the node's state (all by default); ``since`` is a wall-clock time."""
+        wanted = check_sections(sections)
+        out: dict[str, Any] = {"time": time.time(), "name": self.host.name}
+        services, dht = self.services, self.dht
+        now = dht.now()
+        if "node" in wanted:
+            out["node"] = {
+                **self._status(),
+                "running": self.host.running,
+                "ready": self._ready(),
+                "readvertise_timers": services.live_timers(),
+            }
+        if "advertisements" in wanted:
+            out["advertisements"] = services.snapshot()["advertisements"]
+        if "records" in wanted:
+            out["records"] = dht.records.snapshot(now)
+        if "routing" in wanted:
+            out["routing"] = dht.table.snapshot(now)
+        if "cache" in wanted:
+            out["cache"] = {"stats": services.cache.stats(), "entries": services.cache.snapshot(now)}
+        if "providers" in wanted:
+            out["providers"] = self._providers()
+        if "metrics" in wanted:
+            out["metrics"] = self._metrics(since)
+        if "events" in wanted:
+            out["events"] = [
+                {"at": e.at, "node": e.node, "kind": e.kind, "service": e.service, "detail": e.detail}
+                for e in list(services.events)
+                if e.at > since
+            ][-MAX_SAMPLES:]
+        return out
+
+    def _names(self) -> dict[str, str]:
+        """node id (hex) -> name, from what this node has seen (routing table, records, itself)."""
+        names = {row["node_id"]: row["name"] for row in self.dht.table.snapshot() if row.get("name")}
+        for row in self.dht.records.snapshot(self.dht.now()):
+            if row["metadata"].get("node"):
+                names.setdefault(row["provider"], row["metadata"]["node"])
+        names[self.host.node_id.hex()] = self.host.name
+        return names
+
+    def _providers(self) -> list[dict[str, Any]]:
+        names = self._names()
+        rows = self.services.stats.snapshot()
+        for row in rows:
+            row["provider"] = names.get(row["node_id"]) or row["node_id"][:12]
+        return rows
+
+    def _metrics(self, since: float) -> dict[str, Any]:
+        services, dht = self.services, self.dht
+        cache = services.cache.stats()
+        providers = services.stats.snapshot()
+        gauges = {
+            "routing_table_size": len(dht.table),
+            "stored_keys": len(dht.records),
+            "stored_records": len(dht.records.snapshot(dht.now())),
+            "advertised_services": len(services.ads),
+            "cache_hits": cache["hits"],
+            "cache_misses": cache["misses"],
+            "cache_hit_ratio": cache["hit_ratio"],
+            "pending_calls": sum(p["in_flight"] for p in providers),
+            "successful_calls": services.ok_calls,
+            "tasks": len(self.host.tasks),
+            "process_rss_bytes": _rss_bytes(),
         }
-    if "advertisements" in wanted:
-        out["advertisements"] = services.snapshot()["advertisements"]
-    if "records" in wanted:
-        out["records"] = dht.records.snapshot(now)
-    if "routing" in wanted:
-        out["routing"] = dht.table.snapshot(now)
-    if "cache" in wanted:
-        out["cache"] = {"stats": services.cache.stats(), "entries": services.cache.snapshot(now)}
-    if "providers" in wanted:
-        out["providers"] = _providers(node)
-    if "metrics" in wanted:
-        out["metrics"] = _metrics(node, since)
-    if "events" in wanted:
-        out["events"] = [
-            {"at": e.at, "node": e.node, "kind": e.kind, "service": e.service, "detail": e.detail}
-            for e in list(services.events)
-            if e.at > since
-        ][-MAX_SAMPLES:]
-    return out
-
-
-def _names(node: Node) -> dict[str, str]:
-    """node id (hex) -> name, from what this node has seen (routing table, records, itself)."""
-    names = {row["node_id"]: row["name"] for row in node.dht.table.snapshot() if row.get("name")}
-    for row in node.dht.records.snapshot(node.dht.now()):
-        if row["metadata"].get("node"):
-            names.setdefault(row["provider"], row["metadata"]["node"])
-    names[node.node_id.hex()] = node.name
-    return names
-
-
-def _providers(node: Node) -> list[dict[str, Any]]:
-    names = _names(node)
-    rows = node.services.stats.snapshot()
-    for row in rows:
-        row["provider"] = names.get(row["node_id"]) or row["node_id"][:12]
-    return rows
-
-
-def _metrics(node: Node, since: float) -> dict[str, Any]:
-    services, dht = node.services, node.dht
-    cache = services.cache.stats()
-    providers = services.stats.snapshot()
-    gauges = {
-        "routing_table_size": len(dht.table),
-        "stored_keys": len(dht.records),
-        "stored_records": len(dht.records.snapshot(dht.now())),
-        "advertised_services": len(services.ads),
-        "cache_hits": cache["hits"],
-        "cache_misses": cache["misses"],
-        "cache_hit_ratio": cache["hit_ratio"],
-        "pending_calls": sum(p["in_flight"] for p in providers),
-        "successful_calls": services.ok_calls,
-        "tasks": len(node.tasks),
-        "process_rss_bytes": _rss_bytes(),
-    }
-    samples = {
-        series: [[t, v] for t, v in list(values) if t > since][-MAX_SAMPLES:]
-        for series, values in services.samples.items()
-    }
-    return {"gauges": gauges, "samples": samples}
+        samples = {
+            series: [[t, v] for t, v in list(values) if t > since][-MAX_SAMPLES:]
+            for series, values in services.samples.items()
+        }
+        return {"gauges": gauges, "samples": samples}
 
 
 def _rss_bytes() -> int:
@@ -141,20 +171,3 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class Inspector:
-    """Serves INSPECT on a node: checks the token, answers the snapshot."""
-
-    def __init__(self, node: Node):
-        self.node = node
-        node.route(MessageType.INSPECT, self._on_inspect)
-
-    def _on_inspect(self, frame: Frame, peer: PeerInfo):
-        expected = self.node.admin_token
-        if not expected:
-            raise Unauthorized(f"node {self.node.name} has no admin token: inspection is disabled")
-        if not hmac.compare_digest(frame.body["token"].encode(), expected.encode()):
-            raise Unauthorized(f"wrong admin token for node {self.node.name}")
-        since = float(frame.body.get("since") or 0.0)
-        return MessageType.INSPECT_REPLY, {"snapshot": snapshot(self.node, frame.body["sections"], since)}

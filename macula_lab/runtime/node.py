@@ -1,51 +1,46 @@
-"""The node runtime: one mesh node inside an already running asyncio loop.
+"""The node: one mesh node inside an already running asyncio loop, composed of its parts.
 
-A :class:`Node` owns its transport (QUIC, or the in-memory network), its
-request handlers, its background tasks and, optionally, its HTTP health server.
-It starts inside any running loop (a Jupyter kernel, a test, the
+:class:`Node` is the one place that knows every part and wires them together:
+a transport (QUIC, or the simulated network), a :class:`~.host.Host` over it
+(request routing, procedures, tasks), the DHT, the services, the gateway for
+attached clients, the inspector and, optionally, the HTTP health server.  The
+parts only see the host and the small interfaces of :mod:`.interfaces`, never
+the node, so none of them imports another's owner.
+
+A node starts inside any running loop (a Jupyter kernel, a test, the
 ``macula-lab node`` process), binds port 0 unless told otherwise, and
 ``start()``/``stop()`` are idempotent: after ``stop()`` no task of the node is
 left running.
-
-Higher layers (the DHT, services) plug in by registering handlers for message
-types with :meth:`Node.route` and procedures with :meth:`Node.procedure`, and by
-starting their background work with :meth:`Node.spawn` so the node owns it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
+import html
 import logging
 import os
 import resource
 import time
-import traceback
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from ..core import params
 from ..core.codec import DEFAULT_MAX_FRAME_SIZE
-from ..core.endpoint import parse_endpoint
-from ..core.messages import NODE_ID_SIZE, Frame, MessageType, new_id
+from ..core.endpoint import parse_endpoint, parse_host_port
+from ..core.messages import NODE_ID_SIZE, Frame, MessageType
 from ..core.session import Identity, PeerInfo
-from ..errors import HandlerError, MaculaError, NotStarted
-from ..transport.base import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_REQUEST_TIMEOUT,
-    Reply,
-    RequestHandler,
-    Transport,
-)
+from ..errors import InvalidField
+from ..transport.base import RequestHandler, Transport
+from .dht import Dht
+from .gateway import ClientGateway
+from .host import Host, Procedure
+from .inspection import Inspector
+from .services import Advertisement, Services
 
 log = logging.getLogger(__name__)
 
-DEFAULT_REALM = "com.example.realm"
-Procedure = Callable[[Any, PeerInfo], Any]  # returns the result, or an awaitable of it
-
-
-class NoSuchProcedure(MaculaError):
-    code = "no_such_procedure"
+DEFAULT_REALM = params.DEFAULT_REALM
 
 
 class Node:
@@ -61,7 +56,7 @@ class Node:
         self,
         *,
         name: str | None = None,
-        realm: str = DEFAULT_REALM,
+        realm: str = params.DEFAULT_REALM,
         node_id: bytes | str | None = None,
         listen: str | None = "quic://127.0.0.1:0",
         advertise: str | None = None,
@@ -70,36 +65,40 @@ class Node:
         network: Any = None,
         bootstrap: list[str] | tuple[str, ...] = (),
         health_listen: str | None = None,
-        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        request_timeout: float = params.DEFAULT_REQUEST_TIMEOUT,
+        connect_timeout: float = params.DEFAULT_CONNECT_TIMEOUT,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         admin_token: str | None = None,
-        k: int = 20,
-        alpha: int = 3,
+        k: int = params.DEFAULT_K,
+        alpha: int = params.DEFAULT_ALPHA,
         query_timeout: float | None = None,
-        cache_ttl: float = 60.0,
-        strategy: str = "random",
+        cache_ttl: float = params.DEFAULT_CACHE_TTL,
+        strategy: str = params.DEFAULT_STRATEGY,
         debug: bool = False,
         transport_options: dict[str, Any] | None = None,
     ):
-        node_id = _coerce_node_id(node_id)
-        self.name = name or f"node-{node_id.hex()[:8]}"
-        self.identity = Identity(node_id=node_id, realm=realm, name=self.name)
-        self.bootstrap = list(bootstrap)
+        node_id = os.urandom(NODE_ID_SIZE) if node_id is None else params.check_node_id(node_id)
+        name = params.check_node_name(name) if name is not None else f"node-{node_id.hex()[:8]}"
+        params.check_realm(realm)
+        request_timeout = params.check_timeout(request_timeout, "request_timeout")
+        connect_timeout = params.check_timeout(connect_timeout, "connect_timeout")
+        query_timeout = params.check_timeout(
+            params.DEFAULT_QUERY_TIMEOUT if query_timeout is None else query_timeout, "query_timeout"
+        )
+        if admin_token is not None and not isinstance(admin_token, str):
+            raise InvalidField("admin_token: must be text", field="admin_token")
+        self.name = name
+        self.identity = Identity(node_id=node_id, realm=realm, name=name)
+        self.bootstrap = [str(parse_endpoint(b)) for b in bootstrap]
         self.request_timeout = request_timeout
         self.admin_token = admin_token
+        self.debug = debug
         self._health_listen = health_listen
         self._health: Any = None
-        self._handlers: dict[MessageType, RequestHandler] = {}
-        self._peer_observers: list[Callable[[PeerInfo], None]] = []
-        self._procedures: dict[str, Procedure] = {}
-        self._tasks: set[asyncio.Task] = set()
-        self._started = False
-        self._stopping = False
         self._ready = False
         self._start_lock: asyncio.Lock | None = None
-        self.started_at: float | None = None
-        self.transport = self._make_transport(
+        transport = make_transport(
+            self.identity,
             listen=listen,
             advertise=advertise,
             tls=tls,
@@ -110,63 +109,16 @@ class Node:
             max_frame_size=max_frame_size,
             options=transport_options or {},
         )
-        self.route(MessageType.PING, self._on_ping)
-        self.route(MessageType.CALL, self._on_call)
-        self.procedure("macula.echo", _echo)
-        self.procedure("macula.info", self._info_procedure)
-        from .dht import DEFAULT_QUERY_TIMEOUT, Dht
-
-        self.dht = Dht(self, k=k, alpha=alpha, query_timeout=query_timeout or DEFAULT_QUERY_TIMEOUT)
-        from .services import Services
-
-        self.debug = debug
-        self.services = Services(self, cache_ttl=cache_ttl, strategy=strategy, debug=debug)
-        from .gateway import ClientGateway
-
-        self.gateway = ClientGateway(self)
-        from .inspection import Inspector
-
-        self.inspector = Inspector(self)
-
-    # ------------------------------------------------------------ building
-    def _make_transport(
-        self,
-        *,
-        listen,
-        advertise,
-        tls,
-        certs,
-        network,
-        request_timeout,
-        connect_timeout,
-        max_frame_size,
-        options,
-    ) -> Transport:
-        if network is not None:
-            from ..transport.memory import MemoryTransport
-
-            return MemoryTransport(
-                network,
-                self.identity,
-                request_timeout=request_timeout,
-                connect_timeout=connect_timeout,
-                max_frame_size=max_frame_size,
-                **options,
-            )
-        from ..transport.quic import QuicTransport, TlsConfig
-
-        if tls is None and certs is not None:
-            tls = _issue_node_tls(Path(certs), self.name, listen, advertise)
-        return QuicTransport(
-            self.identity,
-            listen=listen,
-            advertise=advertise,
-            tls=tls or TlsConfig(),
-            max_frame_size=max_frame_size,
-            request_timeout=request_timeout,
-            connect_timeout=connect_timeout,
-            **options,
+        # the composition: every part gets the host and what it needs of the others, no more
+        self.host = Host(self.identity, transport, request_timeout=request_timeout, debug=debug)
+        self.dht = Dht(self.host, k=k, alpha=alpha, query_timeout=query_timeout)
+        self.services = Services(self.host, self.dht, cache_ttl=cache_ttl, strategy=strategy, debug=debug)
+        self.gateway = ClientGateway(self.host, self.services)
+        self.inspector = Inspector(
+            self.host, self.dht, self.services, status=self.status, ready=lambda: self.ready, token=admin_token
         )
+        self.host.procedure("macula.echo", _echo)
+        self.host.procedure("macula.info", self._info_procedure)
 
     @classmethod
     def from_config(cls, config: Any) -> Node:
@@ -191,7 +143,11 @@ class Node:
             alpha=config.alpha,
         )
 
-    # ----------------------------------------------------------- lifecycle
+    # ----------------------------------------------------------- identity
+    @property
+    def transport(self) -> Transport:
+        return self.host.transport
+
     @property
     def node_id(self) -> bytes:
         return self.identity.node_id
@@ -202,37 +158,40 @@ class Node:
 
     @property
     def endpoint(self) -> str:
-        return self.transport.endpoint
+        return self.host.endpoint
 
     @property
     def running(self) -> bool:
-        return self._started
+        return self.host.running
+
+    @property
+    def started_at(self) -> float | None:
+        return self.host.started_at
 
     @property
     def ready(self) -> bool:
         """Running, and (when it has bootstrap peers) joined the mesh."""
         joined = not self.bootstrap or len(self.dht.table) > 0
-        return self._started and self._ready and joined
+        return self.running and self._ready and joined
 
     def peer_info(self) -> PeerInfo:
         return self.identity.peer_info()
 
+    # ----------------------------------------------------------- lifecycle
     async def start(self) -> Node:
-        """Start listening (and the health server).  Idempotent; returns self."""
+        """Start listening (and the health server), then join the mesh.  Idempotent; returns self."""
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
-            if self._started:
+            if self.running:
                 return self
-            await self.transport.start(self._dispatch)
+            await self.host.start()
             try:
                 if self._health_listen:
                     await self._start_health()
             except BaseException:
-                await self.transport.close()
+                await self.host.stop()
                 raise
-            self._started = True
-            self.started_at = time.monotonic()
             self.dht.start()
             self._ready = True
             if self.bootstrap:
@@ -251,7 +210,7 @@ class Node:
         if await self.dht.bootstrap(self.bootstrap):
             return
         log.warning("node %s: no bootstrap peer reachable yet; retrying in the background", self.name)
-        self.spawn(self._rejoin(), name=f"{self.name}:rejoin")
+        self.host.spawn(self._rejoin(), name=f"{self.name}:rejoin")
 
     async def _rejoin(self) -> None:
         delay = 1.0
@@ -275,28 +234,14 @@ class Node:
         if self._start_lock is None:
             return
         async with self._start_lock:
-            if not self._started:
+            if not self.running:
                 return
-            await self._cancel_tasks()
-            await (self.transport.close() if graceful else self.transport.abort())
-            await self._finish_stop()
+            self._ready = False
+            await self.host.stop(graceful=graceful)
+            if self._health is not None:
+                await self._health.stop()
+                self._health = None
             log.info("node %s %s", self.name, "stopped" if graceful else "killed (no goodbye)")
-
-    async def _cancel_tasks(self) -> None:
-        self._ready = False
-        self._stopping = True  # spawn() refuses from now on, so this loop ends
-        while self._tasks:
-            tasks = list(self._tasks)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _finish_stop(self) -> None:
-        if self._health is not None:
-            await self._health.stop()
-            self._health = None
-        self._started = False
-        self._stopping = False
 
     async def __aenter__(self) -> Node:
         return await self.start()
@@ -304,50 +249,64 @@ class Node:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    # -------------------------------------------- the host's API, for users
     def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str | None = None) -> asyncio.Task | None:
-        """Run ``coro`` as a task owned by this node: cancelled on stop, failures logged.
-
-        A node that is not running (or is stopping) starts nothing: returns None.
-        """
-        if not self._started or self._stopping:
-            coro.close()
-            return None
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error(
-                "node %s: background task %s failed", self.name, task.get_name(), exc_info=task.exception()
-            )
+        """Run ``coro`` as a task owned by this node (see :meth:`Host.spawn`)."""
+        return self.host.spawn(coro, name=name)
 
     @property
     def tasks(self) -> set[asyncio.Task]:
-        return set(self._tasks)
+        return self.host.tasks
 
-    # ------------------------------------------------------------ requests
     def route(self, mtype: MessageType, handler: RequestHandler) -> None:
         """Serve requests of ``mtype`` with ``handler`` (replaces any previous one)."""
-        self._handlers[mtype] = handler
+        self.host.route(mtype, handler)
 
     def procedure(self, name: str, fn: Procedure) -> None:
-        """Answer CALLs of ``name`` with ``fn(args, peer)`` (a function or a coroutine function).
-
-        Plain functions are answered within the event-loop pass that received
-        the call (no task): keep them short.  Coroutine functions run as tasks.
-        """
-        self._procedures[name] = (fn, inspect.iscoroutinefunction(fn))
+        """Answer CALLs of ``name`` with ``fn(args, peer)`` (see :meth:`Host.procedure`)."""
+        self.host.procedure(name, fn)
 
     def remove_procedure(self, name: str) -> None:
-        self._procedures.pop(name, None)
+        self.host.remove_procedure(name)
+
+    def observe_peers(self, fn: Callable[[PeerInfo], None]) -> None:
+        self.host.observe_peers(fn)
+
+    async def request(
+        self, endpoint: str, mtype: MessageType, body: dict[str, Any], *, timeout: float | None = None
+    ) -> Frame:
+        return await self.host.request(endpoint, mtype, body, timeout=timeout)
+
+    def send_request(
+        self,
+        endpoint: str,
+        mtype: MessageType,
+        body: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        notify: Callable[[], None] | None = None,
+    ) -> asyncio.Future[Frame] | None:
+        return self.host.send_request(endpoint, mtype, body, timeout=timeout, notify=notify)
+
+    async def ping(self, endpoint: str, *, timeout: float | None = None) -> float:
+        """Round-trip time of an app-level PING to ``endpoint`` (seconds)."""
+        return await self.host.ping(endpoint, timeout=timeout)
+
+    async def call_procedure(
+        self, endpoint: str, procedure: str, args: Any = None, *, timeout: float | None = None
+    ) -> Any:
+        """Call a procedure on the node at ``endpoint`` directly (no discovery)."""
+        return await self.host.call_procedure(endpoint, procedure, args, timeout=timeout)
 
     # ----------------------------------------------------------- services
     async def advertise(
-        self, name: str, handler: Callable[[Any], Any], *, ttl: float = 300, metadata: dict | None = None
-    ):
+        self,
+        name: str,
+        handler: Callable[[Any], Any],
+        *,
+        ttl: float = params.DEFAULT_TTL,
+        metadata: dict | None = None,
+    ) -> Advertisement:
         """Serve ``name`` and publish this node as a provider (see :mod:`macula_lab.runtime.services`)."""
         return await self.services.advertise(name, handler, ttl=ttl, metadata=metadata)
 
@@ -362,7 +321,7 @@ class Node:
         name: str,
         args: Any = None,
         *,
-        timeout: float = 5.0,
+        timeout: float = params.DEFAULT_CALL_TIMEOUT,
         strategy: str | None = None,
         max_attempts: int | None = None,
         deadline: float | None = None,
@@ -382,110 +341,26 @@ class Node:
             details=details,
         )
 
-    def observe_peers(self, fn: Callable[[PeerInfo], None]) -> None:
-        """Call ``fn(peer)`` for every request received (the DHT learns contacts this way)."""
-        self._peer_observers.append(fn)
-
-    def _dispatch(self, frame: Frame, peer: PeerInfo) -> Reply | Awaitable[Reply]:
-        for observe in self._peer_observers:
-            observe(peer)
-        handler = self._handlers.get(frame.type)
-        if handler is None:
-            raise UnknownRequest(f"this node does not serve {frame.type.name} requests")
-        return handler(frame, peer)
-
-    async def request(
-        self, endpoint: str, mtype: MessageType, body: dict[str, Any], *, timeout: float | None = None
-    ) -> Frame:
-        if not self._started:
-            raise NotStarted(f"node {self.name} is not started")
-        return await self.transport.request(endpoint, mtype, body, timeout=timeout)
-
-    def send_request(
-        self,
-        endpoint: str,
-        mtype: MessageType,
-        body: dict[str, Any],
-        *,
-        timeout: float | None = None,
-        notify: Callable[[], None] | None = None,
-    ) -> asyncio.Future[Frame] | None:
-        """:meth:`Transport.send_request`: send at once over an open session, or None."""
-        if not self._started:
-            raise NotStarted(f"node {self.name} is not started")
-        return self.transport.send_request(endpoint, mtype, body, timeout=timeout, notify=notify)
-
-    async def ping(self, endpoint: str, *, timeout: float | None = None) -> float:
-        """Round-trip time of an app-level PING to ``endpoint`` (seconds)."""
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        await self.request(endpoint, MessageType.PING, {"id": new_id()}, timeout=timeout)
-        return loop.time() - t0
-
-    async def call_procedure(
-        self, endpoint: str, procedure: str, args: Any = None, *, timeout: float | None = None
-    ) -> Any:
-        """Call a procedure on the node at ``endpoint`` directly (no discovery)."""
-        reply = await self.request(
-            endpoint, MessageType.CALL, {"procedure": procedure, "args": args}, timeout=timeout
-        )
-        return reply.body["result"]
-
-    def _on_ping(self, frame: Frame, peer: PeerInfo) -> Reply:
-        return MessageType.PONG, {}
-
-    def _on_call(self, frame: Frame, peer: PeerInfo) -> Reply | Awaitable[Reply]:
-        name = frame.body["procedure"]
-        entry = self._procedures.get(name)
-        if entry is None:
-            raise NoSuchProcedure(f"no procedure {name!r} on node {self.name}")
-        fn, is_async = entry
-        if is_async:
-            return self._reply_later(fn(frame.body["args"], peer))
-        try:
-            result = fn(frame.body["args"], peer)
-        except Exception as exc:  # the handler's failure, reported by name to the caller
-            raise self._handler_error(exc) from exc
-        if inspect.isawaitable(result):  # a plain function that returned a coroutine
-            return self._reply_later(result)
-        return MessageType.REPLY, {"result": result}
-
-    async def _reply_later(self, pending: Awaitable[Any]) -> Reply:
-        try:
-            result = await pending
-        except Exception as exc:  # the handler's failure, reported by name to the caller
-            raise self._handler_error(exc) from exc
-        return MessageType.REPLY, {"result": result}
-
-    def _handler_error(self, exc: Exception) -> MaculaError:
-        from .services import ServiceUnavailable
-
-        if isinstance(exc, HandlerError | ServiceUnavailable):
-            return exc  # already says what happened (a relayed handler, an unreachable client)
-        details = {"type": type(exc).__name__, "message": str(exc)}
-        if self.debug:  # no server stack traces unless asked for
-            details["traceback"] = "".join(traceback.format_exception(exc))
-        return HandlerError(f"{type(exc).__name__}: {exc}", details)
-
     async def _info_procedure(self, args: Any, peer: PeerInfo) -> dict[str, Any]:
         return self.status()
 
     # ------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:
-        uptime = time.monotonic() - self.started_at if self.started_at else 0.0
+        started = self.host.started_at
+        uptime = time.monotonic() - started if started and self.running else 0.0
         return {
             "name": self.name,
             "realm": self.realm,
             "node_id": self.node_id.hex(),
             "endpoint": self.endpoint,
-            "running": self._started,
+            "running": self.running,
             "uptime_s": round(uptime, 3),
         }
 
     def stats(self) -> dict[str, Any]:
         return {
             **self.status(),
-            "tasks": len(self._tasks),
+            "tasks": len(self.host.tasks),
             "transport": self.transport.stats(),
             "dht": self.dht.stats(),
             "services": self.services.stats_dict(),
@@ -493,7 +368,6 @@ class Node:
         }
 
     async def _start_health(self) -> None:
-        from ..deploy.config import parse_host_port
         from .health import HealthServer
         from .prometheus import node_registry
 
@@ -512,21 +386,19 @@ class Node:
         return self._health.port if self._health is not None else None
 
     def __repr__(self) -> str:
-        state = "running" if self._started else "stopped"
+        state = "running" if self.running else "stopped"
         return f"<Node {self.name} {state} realm={self.realm} endpoint={self.endpoint or '-'}>"
 
     def _repr_html_(self) -> str:
-        import html
-
         rows = {
-            "state": "running" if self._started else "stopped",
+            "state": "running" if self.running else "stopped",
             "realm": self.realm,
             "endpoint": self.endpoint or "-",
             "node id": self.node_id.hex()[:16] + "...",
             "contacts": len(self.dht.table),
             "stored keys": len(self.dht.records),
             "services": ", ".join(self.services.ads) or "-",
-            "tasks": len(self._tasks),
+            "tasks": len(self.host.tasks),
         }
         body = "".join(
             f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
@@ -535,25 +407,56 @@ class Node:
         return f"<div class='macula-node'><strong>Node {html.escape(self.name)}</strong><table>{body}</table></div>"
 
 
-class UnknownRequest(MaculaError):
-    code = "unknown_request"
+def make_transport(
+    identity: Identity,
+    *,
+    listen: str | None,
+    advertise: str | None = None,
+    tls: Any = None,
+    certs: str | os.PathLike | None = None,
+    network: Any = None,
+    request_timeout: float = params.DEFAULT_REQUEST_TIMEOUT,
+    connect_timeout: float = params.DEFAULT_CONNECT_TIMEOUT,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    options: dict[str, Any] | None = None,
+) -> Transport:
+    """The transport a node (or an attached client: ``listen=None``) runs on.
+
+    ``network``: a :class:`~macula_lab.transport.memory.MemoryNetwork` (the
+    simulated network); otherwise QUIC with ``tls`` (or a certificate issued
+    from the lab CA in ``certs``).
+    """
+    options = options or {}
+    if network is not None:
+        from ..transport.memory import MemoryTransport
+
+        return MemoryTransport(
+            network,
+            identity,
+            listen=listen is not None,
+            request_timeout=request_timeout,
+            connect_timeout=connect_timeout,
+            max_frame_size=max_frame_size,
+            **options,
+        )
+    from ..transport.quic import QuicTransport, TlsConfig
+
+    if tls is None and certs is not None:
+        tls = _issue_node_tls(Path(certs), identity.name, listen, advertise)
+    return QuicTransport(
+        identity,
+        listen=listen,
+        advertise=advertise,
+        tls=tls or TlsConfig(),
+        max_frame_size=max_frame_size,
+        request_timeout=request_timeout,
+        connect_timeout=connect_timeout,
+        **options,
+    )
 
 
 def _echo(args: Any, peer: PeerInfo) -> Any:
     return args
-
-
-def _coerce_node_id(node_id: bytes | str | None) -> bytes:
-    if node_id is None:
-        return os.urandom(NODE_ID_SIZE)
-    if isinstance(node_id, str):
-        try:
-            node_id = bytes.fromhex(node_id)
-        except ValueError:
-            raise ValueError(f"node_id must be {NODE_ID_SIZE * 2} hex characters") from None
-    if len(node_id) != NODE_ID_SIZE:
-        raise ValueError(f"node_id must be {NODE_ID_SIZE} bytes, got {len(node_id)}")
-    return bytes(node_id)
 
 
 def _issue_node_tls(directory: Path, name: str, listen: str | None, advertise: str | None) -> Any:

@@ -27,7 +27,6 @@ import asyncio
 import inspect
 import logging
 import random
-import re
 import time
 import traceback
 from collections import deque
@@ -35,22 +34,45 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..core.cache import DEFAULT_CACHE_TTL, DiscoveryCache
+from ..core import params
+from ..core.cache import DiscoveryCache
 from ..core.ids import service_key
 from ..core.messages import MessageType
+from ..core.params import DEFAULT_CACHE_TTL, DEFAULT_CALL_TIMEOUT, DEFAULT_MAX_ATTEMPTS, DEFAULT_TTL
 from ..core.records import ProviderEntry
 from ..core.schedule import ReadvertiseTimer
 from ..core.selection import ProviderStats, SelectionContext, Strategy, make_strategy
-from ..errors import HandlerError, MaculaError, PeerError, RealmMismatch, RequestTimeout, TransportError
+from ..errors import (
+    HandlerError,
+    MaculaError,
+    PeerError,
+    RealmMismatch,
+    RequestTimeout,
+    ServiceUnavailable,
+    TransportError,
+)
+from .host import as_procedure
 
 if TYPE_CHECKING:
-    from .node import Node
+    from .host import Host
+    from .interfaces import Directory
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TTL = 300.0
-DEFAULT_CALL_TIMEOUT = 5.0
-_NAME = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+__all__ = [
+    "DEFAULT_CALL_TIMEOUT",
+    "DEFAULT_TTL",
+    "Advertisement",
+    "AllProvidersFailed",
+    "Attempt",
+    "CallResult",
+    "CallTimeout",
+    "Event",
+    "RemoteError",
+    "ServiceNotFound",
+    "ServiceUnavailable",
+    "Services",
+]
 
 
 # ------------------------------------------------------------------ errors
@@ -58,16 +80,6 @@ class ServiceNotFound(MaculaError):
     """No live provider of the service is known to the DHT."""
 
     code = "service_not_found"
-
-
-class ServiceUnavailable(MaculaError):
-    """This provider cannot serve the call right now (the caller fails over)."""
-
-    code = "service_unavailable"
-
-
-class InvalidServiceName(MaculaError, ValueError):
-    code = "invalid_service_name"
 
 
 class RemoteError(MaculaError):
@@ -196,19 +208,21 @@ class Event:
 
 
 class Services:
-    """The service layer of one node."""
+    """The service layer of one node: its :class:`~.host.Host` and a :class:`~.interfaces.Directory` (the DHT)."""
 
     def __init__(
         self,
-        node: Node,
+        host: Host,
+        directory: Directory,
         *,
         cache_ttl: float = DEFAULT_CACHE_TTL,
         strategy: str | Strategy = "random",
         debug: bool = False,
         seed: int | None = None,
     ):
-        self.node = node
-        self.cache = DiscoveryCache(ttl=cache_ttl)
+        self.host = host
+        self.directory = directory
+        self.cache = DiscoveryCache(ttl=params.check_cache_ttl(cache_ttl))
         self._strategies: dict[str, Strategy] = {}
         self.strategy = self._strategy(strategy)
         self.stats = ProviderStats()
@@ -240,10 +254,10 @@ class Services:
     def _record_call(self, service: str, provider: ProviderEntry, took: float, attempts: int) -> None:
         """The "called" event, kept only while calls are traced (it costs ~20% of a cache-hit call)."""
         detail = {"provider": _label(provider), "ms": took * 1000, "attempts": attempts}
-        self._deliver(Event(time.time(), self.node.name, "called", service, detail))
+        self._deliver(Event(time.time(), self.host.name, "called", service, detail))
 
     def _emit(self, kind: str, service: str, **detail: Any) -> None:
-        event = Event(time.time(), self.node.name, kind, service, detail)
+        event = Event(time.time(), self.host.name, kind, service, detail)
         log.info("%s", event)
         self._deliver(event)
 
@@ -257,7 +271,7 @@ class Services:
 
     # --------------------------------------------------------- advertise
     def key(self, name: str) -> bytes:
-        return service_key(self.node.realm, name)
+        return service_key(self.host.realm, name)
 
     def _next_seq(self) -> int:
         # time-based so that it keeps growing across restarts; strictly increasing here
@@ -272,8 +286,16 @@ class Services:
         ttl: float = DEFAULT_TTL,
         metadata: dict | None = None,
     ) -> Advertisement:
-        """See the module docstring.  Concurrent advertise/unadvertise of one name run one at a time."""
-        _check_name(name)
+        """See the module docstring.  Concurrent advertise/unadvertise of one name run one at a time.
+
+        Every argument is checked before anything changes: a refused advertise
+        leaves a previous advertisement of ``name`` and its timer as they were.
+        """
+        params.check_service_name(name)
+        ttl = params.check_ttl(ttl)
+        metadata = params.check_metadata(metadata)
+        if not callable(handler):
+            raise TypeError("handler must be callable (args) -> result")
         async with self._lock(name):
             return await self._advertise(name, handler, ttl=ttl, metadata=metadata)
 
@@ -285,20 +307,18 @@ class Services:
         ttl: float = DEFAULT_TTL,
         metadata: dict | None = None,
     ) -> Advertisement:
-        if not callable(handler):
-            raise TypeError("handler must be callable (args) -> result")
         now = self._now()
         old = self.ads.get(name)
         if old is not None and old.task is not None:
             old.task.cancel()  # never two timers for one name
-        timer = ReadvertiseTimer.start(name, float(ttl), now)
+        timer = ReadvertiseTimer.start(name, ttl, now)
         # the provider's name and the service travel with the record: views and labels read them
-        meta = {"node": self.node.name, "service": name, **(metadata or {})}
-        ad = Advertisement(name, handler, float(ttl), meta, timer, self._next_seq())
+        meta = {"node": self.host.name, "service": name, **(metadata or {})}
+        ad = Advertisement(name, handler, ttl, meta, timer, self._next_seq())
         self.ads[name] = ad
-        self.node.procedure(name, _adapt(handler))
+        self.host.procedure(name, as_procedure(handler))
         await self._publish(ad, kind="published")
-        ad.task = self.node.spawn(self._readvertise_loop(ad), name=f"{self.node.name}:readvertise:{name}")
+        ad.task = self.host.spawn(self._readvertise_loop(ad), name=f"{self.host.name}:readvertise:{name}")
         if ad.task is not None:
             self._timers[ad.task] = name
             ad.task.add_done_callback(self._timer_done)
@@ -311,8 +331,8 @@ class Services:
         return ad
 
     async def _publish(self, ad: Advertisement, *, kind: str) -> None:
-        entry = ProviderEntry(self.node.node_id, self.node.endpoint, ad.metadata, ad.ttl, ad.seq)
-        result = await self.node.dht.store(self.key(ad.name), entry)
+        entry = ProviderEntry(self.host.node_id, self.host.endpoint, ad.metadata, ad.ttl, ad.seq)
+        result = await self.directory.store(self.key(ad.name), entry)
         ad.replicas = result.count
         if result.count == 0:
             ad.failures += 1
@@ -329,7 +349,7 @@ class Services:
                 await self._publish(ad, kind="readvertised")
             except MaculaError as exc:  # keep the schedule: the next fire may succeed
                 ad.failures += 1
-                log.warning("%s: re-advertising %s failed: %s", self.node.name, ad.name, exc)
+                log.warning("%s: re-advertising %s failed: %s", self.host.name, ad.name, exc)
 
     def _timer_done(self, task: asyncio.Task) -> None:
         self._timers.pop(task, None)
@@ -363,16 +383,16 @@ class Services:
         if ad.task is not None:
             ad.task.cancel()
             await asyncio.gather(ad.task, return_exceptions=True)
-        self.node.remove_procedure(name)
+        self.host.remove_procedure(name)
         self.cache.invalidate(name)
-        removed = await self.node.dht.remove(self.key(name), self.node.node_id)
+        removed = await self.directory.remove(self.key(name), self.host.node_id)
         self._emit("unadvertised", name, removed_from=removed)
         return removed
 
     # ----------------------------------------------------------- discover
     async def discover(self, name: str, *, refresh: bool = False) -> list[ProviderEntry]:
         """Live providers of ``name``: from the cache, else from the DHT."""
-        _check_name(name)
+        params.check_service_name(name)
         if not refresh:
             cached = self.cache.get(name, self._now())
             if cached is not None:
@@ -382,7 +402,7 @@ class Services:
     async def _lookup(self, name: str) -> list[ProviderEntry]:
         """Ask the DHT (the cache missed, or the caller wants fresh providers)."""
         t0 = self._now()
-        entries, lookup = await self.node.dht.find(self.key(name))
+        entries, lookup = await self.directory.find(self.key(name))
         took = self._now() - t0
         self.samples["dht_query"].append((time.time(), took))
         entries.sort(key=lambda e: e.node_id)
@@ -410,9 +430,15 @@ class Services:
         whole call.  Returns the result, or a :class:`CallResult` with ``details``.
         """
         if name not in self._valid_names:
-            _check_name(name)
+            params.check_service_name(name)
             if len(self._valid_names) < 10_000:
                 self._valid_names.add(name)
+        if timeout != DEFAULT_CALL_TIMEOUT:
+            timeout = params.check_timeout(timeout)
+        if max_attempts is not None:
+            params.check_attempts(max_attempts)
+        if deadline is not None:
+            params.check_timeout(deadline, "deadline")
         chooser = self.strategy if strategy is None else self._strategy(strategy)
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -421,10 +447,8 @@ class Services:
         if not hit:
             providers = await self._lookup(name)
         if not providers:
-            raise ServiceNotFound(f"no provider of {name!r} in realm {self.node.realm}")
-        allowed = max_attempts if max_attempts is not None else min(3, len(providers))
-        if allowed < 1:
-            raise ValueError("max_attempts must be >= 1")
+            raise ServiceNotFound(f"no provider of {name!r} in realm {self.host.realm}")
+        allowed = max_attempts if max_attempts is not None else min(DEFAULT_MAX_ATTEMPTS, len(providers))
         end = start + (deadline if deadline is not None else timeout * allowed + 1.0)
         attempts: list[Attempt] = []
         excluded: set[bytes] = set()
@@ -441,13 +465,13 @@ class Services:
                 if not providers:
                     tried = ", ".join(a.provider for a in attempts)
                     raise ServiceNotFound(
-                        f"no provider of {name!r} is left in realm {self.node.realm} (tried {tried})"
+                        f"no provider of {name!r} is left in realm {self.host.realm} (tried {tried})"
                     )
                 if not fresh:
                     break
-                allowed = len(attempts) + min(3, len(fresh))
+                allowed = len(attempts) + min(DEFAULT_MAX_ATTEMPTS, len(fresh))
                 if deadline is None:
-                    end = max(end, loop.time() + timeout * min(3, len(fresh)))
+                    end = max(end, loop.time() + timeout * min(DEFAULT_MAX_ATTEMPTS, len(fresh)))
                 continue
             remaining = end - loop.time()
             if remaining <= 0:
@@ -497,18 +521,16 @@ class Services:
         raise AllProvidersFailed(name, attempts)
 
     async def _invoke(self, provider: ProviderEntry, name: str, args: Any, timeout: float) -> Any:
-        if provider.node_id == self.node.node_id:  # local first really short-circuits
+        if provider.node_id == self.host.node_id:  # local first really short-circuits
             return await self._invoke_local(name, args, timeout)
         body = {"procedure": name, "args": args}
-        transport = self.node.transport
+        host = self.host
         try:
-            if transport.session(provider.endpoint) is not None:  # pooled: the request's own timeout
-                reply = await transport.request(provider.endpoint, MessageType.CALL, body, timeout=timeout)
+            if host.session(provider.endpoint) is not None:  # pooled: the request's own timeout
+                reply = await host.request(provider.endpoint, MessageType.CALL, body, timeout=timeout)
             else:  # the attempt's timeout must cover connecting too (a dead provider's handshake)
                 async with asyncio.timeout(timeout):
-                    reply = await self.node.request(
-                        provider.endpoint, MessageType.CALL, body, timeout=timeout
-                    )
+                    reply = await host.request(provider.endpoint, MessageType.CALL, body, timeout=timeout)
         except TimeoutError:
             raise RequestTimeout(f"{name} on {_label(provider)}: no answer within {timeout:g}s") from None
         except PeerError as exc:
@@ -533,15 +555,15 @@ class Services:
             if limit.expired():
                 raise RequestTimeout(f"local handler of {name} took longer than {timeout:g}s") from None
             raise RemoteError(
-                name, self.node.name, type(exc).__name__, str(exc), _tb(exc) if self.debug else None
+                name, self.host.name, type(exc).__name__, str(exc), _tb(exc) if self.debug else None
             ) from exc
         except ServiceUnavailable:
             raise
         except HandlerError as exc:  # a relayed handler (attached client) raised
-            raise RemoteError.from_details(name, self.node.name, exc.details, str(exc)) from exc
+            raise RemoteError.from_details(name, self.host.name, exc.details, str(exc)) from exc
         except Exception as exc:
             raise RemoteError(
-                name, self.node.name, type(exc).__name__, str(exc), _tb(exc) if self.debug else None
+                name, self.host.name, type(exc).__name__, str(exc), _tb(exc) if self.debug else None
             ) from exc
         return result
 
@@ -549,9 +571,9 @@ class Services:
     @property
     def _ctx(self) -> SelectionContext:
         ctx = self._ctx_cache
-        if ctx is None or ctx.local_endpoint != self.node.endpoint:
+        if ctx is None or ctx.local_endpoint != self.host.endpoint:
             ctx = self._ctx_cache = SelectionContext(
-                self.node.node_id, self.node.endpoint, self.stats, self.rng
+                self.host.node_id, self.host.endpoint, self.stats, self.rng
             )
         return ctx
 
@@ -576,7 +598,7 @@ class Services:
     def snapshot(self) -> dict[str, Any]:
         now = self._now()
         return {
-            "node": self.node.name,
+            "node": self.host.name,
             "advertisements": [
                 {
                     **ad.timer.snapshot(now),
@@ -595,29 +617,9 @@ class Services:
         return {"advertised": len(self.ads), **{f"cache_{k}": v for k, v in self.cache.stats().items()}}
 
 
-def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not _NAME.match(name) or len(name) > 255:
-        raise InvalidServiceName(f"service names are dot-separated segments of [A-Za-z0-9_-], got {name!r}")
-
-
 def _label(p: ProviderEntry) -> str:
     return str(p.metadata.get("node") or p.node_id.hex()[:12])
 
 
 def _tb(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc))
-
-
-def _adapt(handler: Callable[[Any], Any]) -> Callable[[Any, Any], Any]:
-    """Node procedures take (args, peer); service handlers take (args)."""
-    if inspect.iscoroutinefunction(handler):
-
-        async def call_async(args: Any, peer: Any) -> Any:
-            return await handler(args)
-
-        return call_async
-
-    def call_sync(args: Any, peer: Any) -> Any:
-        return handler(args)
-
-    return call_sync

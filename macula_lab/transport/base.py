@@ -1,11 +1,24 @@
-"""The small transport interface every node runs on.
+"""The transport contract every node runs on, implemented by QUIC and by the simulated network.
 
 Two implementations: :mod:`.quic` (aioquic, TLS 1.3, ALPN ``macula``) and
-:mod:`.memory` (a simulated network for tests and scale studies).  A transport
-listens for requests and hands each to the node's handler, and sends requests to
-other nodes' endpoints, returning the reply frame.  Sessions (CONNECT /
-CONNECT_ACK, see :mod:`macula_lab.core.session`) are set up by the transport the
-first time it talks to an endpoint; handlers see the caller's :class:`PeerInfo`.
+:mod:`.memory` (a simulated network for tests and scale studies).  They offer
+the same things, so the runtime takes the same code path on both:
+
+- **sessions**: the first request to an endpoint opens a session (CONNECT /
+  CONNECT_ACK, see :mod:`macula_lab.core.session`); :meth:`Transport.connect`
+  opens one explicitly, :meth:`Transport.session` says who is behind an open
+  one, and :attr:`Transport.on_session_closed` is told when a session a peer
+  opened to us ends (an attached client left);
+- **requests**: :meth:`Transport.request` (a coroutine, connects if needed)
+  and :meth:`Transport.send_request` (sends at once over an open session and
+  returns the reply future, with an optional synchronous ``notify``);
+  :meth:`Transport.request_session` sends a request *back* over a session a
+  peer opened to us (how a node relays calls to an attached client);
+- **serving**: :meth:`Transport.start` takes the node's request handler; each
+  request is answered with the handler's reply (at once, or as a task the
+  transport owns), its ``id`` set to the request's;
+- **timeouts**: every request has one (``request_timeout`` by default), every
+  handshake ``connect_timeout``; nothing waits forever.
 """
 
 from __future__ import annotations
@@ -17,10 +30,21 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..core.messages import Frame, MessageType
+from ..core.params import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT
 from ..core.session import Identity, PeerInfo
 from ..errors import MaculaError, PeerError
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "Reply",
+    "RequestHandler",
+    "Transport",
+    "answer",
+    "error_reply",
+    "raise_for_error",
+    "run_handler",
+]
 
 #: A handler answers one request: (reply type, reply body).  It may answer at
 #: once (return the tuple: the transport replies within the same event-loop pass,
@@ -31,25 +55,24 @@ log = logging.getLogger(__name__)
 Reply = tuple[MessageType, dict[str, Any]]
 RequestHandler = Callable[[Frame, PeerInfo], "Reply | Awaitable[Reply]"]
 
-DEFAULT_REQUEST_TIMEOUT = 5.0
-DEFAULT_CONNECT_TIMEOUT = 5.0
-
 
 class Transport(ABC):
-    """Send requests to endpoints and serve requests from peers."""
+    """Send requests to endpoints and serve requests from peers (see the module docstring)."""
 
     identity: Identity
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     #: called with the peer when a session it opened to us ends (attached clients use this)
     on_session_closed: Callable[[PeerInfo], None] | None = None
 
     @property
     @abstractmethod
     def endpoint(self) -> str:
-        """Where this transport listens (valid after :meth:`start`)."""
+        """Where this transport listens (valid after :meth:`start`; "" for a pure client)."""
 
     @abstractmethod
     async def start(self, handler: RequestHandler) -> str:
-        """Start listening; returns the endpoint string."""
+        """Start serving requests with ``handler`` (and listening, unless a pure client); returns the endpoint."""
 
     @abstractmethod
     async def request(
@@ -63,6 +86,7 @@ class Transport(ABC):
         (timeout, unreachable, certificate, closed) otherwise.
         """
 
+    @abstractmethod
     def send_request(
         self,
         endpoint: str,
@@ -76,28 +100,32 @@ class Transport(ABC):
 
         A fast path for callers that wait on many requests (DHT lookups): no
         coroutine or task per request.  Returns None when there is no open
-        session (or the transport has no such path): then use :meth:`request`.
-        The reply is not checked (see :func:`raise_for_error`); the future fails
-        with a :class:`~macula_lab.errors.TransportError` on timeout or close.
+        session: then use :meth:`request`.  The reply is not checked (see
+        :func:`raise_for_error`); the future fails with a
+        :class:`~macula_lab.errors.TransportError` on timeout or close.
         ``notify()`` is called synchronously right after the future completes.
         """
-        return None
 
     @abstractmethod
     async def connect(self, endpoint: str) -> PeerInfo:
         """Open (or reuse) the session with ``endpoint``; returns who is there."""
 
     @abstractmethod
-    async def close(self) -> None:
-        """Stop listening, close every connection, cancel every task."""
+    def session(self, endpoint: str) -> PeerInfo | None:
+        """The peer behind an open session with ``endpoint``, or None."""
 
+    @abstractmethod
     async def request_session(
         self, node_id: bytes, mtype: MessageType, body: dict[str, Any], *, timeout: float | None = None
     ) -> Frame:
-        """Send a request back over the session that peer ``node_id`` opened to us."""
-        from ..errors import ConnectFailed
+        """Send a request back over the session that peer ``node_id`` opened to us.
 
-        raise ConnectFailed(f"{type(self).__name__} cannot send requests into accepted sessions")
+        Raises :class:`~macula_lab.errors.ConnectionClosed` if there is none.
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop listening, close every connection, cancel every task."""
 
     async def abort(self) -> None:
         """Crash without goodbye (peers only notice by timing out); default: close."""

@@ -58,13 +58,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 from ..core import codec
 from ..core.codec import DEFAULT_MAX_FRAME_SIZE, FrameDecoder
 from ..core.endpoint import parse_endpoint
-from ..core.messages import Frame, MessageType, new_id
+from ..core.messages import REPLY_TYPES, Frame, MessageType, new_id
+from ..core.params import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT
 from ..core.session import Identity, PeerInfo, accept_connect, connect_body, peer_from_ack
 from ..errors import (
     CodecError,
@@ -79,13 +80,12 @@ from ..errors import (
     RequestTimeout,
 )
 from .base import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_REQUEST_TIMEOUT,
+    Reply,
     RequestHandler,
     Transport,
+    answer,
     error_reply,
     raise_for_error,
-    run_handler,
 )
 
 __all__ = ["EndpointInUse", "MemoryNetwork", "MemoryTransport"]
@@ -111,7 +111,17 @@ class _Conn:
     lost close notice leaves the two views disagreeing, as on a real network.
     """
 
-    __slots__ = ("client", "server", "server_name", "key", "peer", "client_peer", "pending", "abandoned")
+    __slots__ = (
+        "client",
+        "server",
+        "server_name",
+        "key",
+        "peer",
+        "client_peer",
+        "pending",
+        "reverse_pending",
+        "abandoned",
+    )
 
     def __init__(self, client: MemoryTransport, server_name: str, key: str):
         self.client = client
@@ -120,7 +130,8 @@ class _Conn:
         self.key = key  # normalised endpoint, the client's session-cache key
         self.peer: PeerInfo | None = None  # the server, as its CONNECT_ACK describes it
         self.client_peer: PeerInfo | None = None  # the client, as its CONNECT describes it
-        self.pending: dict[bytes, asyncio.Future[Frame]] = {}  # request id -> reply
+        self.pending: dict[bytes, _Waiting] = {}  # the client's requests, by id
+        self.reverse_pending: dict[bytes, _Waiting] = {}  # the server's requests to the client, by id
         self.abandoned = False  # the client gave up on it (closed, or handshake failed)
 
 
@@ -331,14 +342,16 @@ class MemoryNetwork:
 
     def _to_host(self, dst: str, conn: _Conn, data: bytes) -> bool:
         host = self._nodes.get(dst)  # whoever listens at that name *now*
-        return host is not None and host._on_request(conn, data)
+        return host is not None and host._from_client(conn, data)
 
 
 class MemoryTransport(Transport):
     """A node's transport on a :class:`MemoryNetwork`, listening at ``mem://<name>``.
 
-    Without :meth:`start` it can still send requests, as a pure client
-    (``endpoint`` "" in its CONNECT), but nobody can reach it.
+    ``listen=False`` makes a pure client (an attached client's transport):
+    nobody can dial it, its CONNECT carries no endpoint, but the node it
+    connects to can send requests back over that session (:meth:`request_session`).
+    Without :meth:`start` it can still send requests, but answers none.
     """
 
     def __init__(
@@ -347,6 +360,7 @@ class MemoryTransport(Transport):
         identity: Identity,
         name: str | None = None,
         *,
+        listen: bool = True,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         max_frame_size: int | None = None,
@@ -359,6 +373,7 @@ class MemoryTransport(Transport):
         self.network = network
         self.identity = identity
         self.name = name
+        self.listen = listen
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         # None: the network's limit.  Frames are encoded with the sender's limit and
@@ -378,7 +393,7 @@ class MemoryTransport(Transport):
     # --------------------------------------------------------- interface
     @property
     def endpoint(self) -> str:
-        return self._endpoint
+        return self._endpoint if self.listen else ""
 
     @property
     def max_frame_size(self) -> int:
@@ -393,7 +408,7 @@ class MemoryTransport(Transport):
         return self._closed
 
     async def start(self, handler: RequestHandler) -> str:
-        """Register on the network and serve requests with ``handler``.
+        """Register on the network (unless ``listen=False``) and serve requests with ``handler``.
 
         Idempotent: later calls return the endpoint and change nothing.
         Raises :class:`EndpointInUse` if another running transport has the name.
@@ -401,11 +416,12 @@ class MemoryTransport(Transport):
         if self._closed:
             raise NotStarted(f"{self._endpoint} is closed; create a new MemoryTransport")
         if not self._started:
-            self.network._register(self)
+            if self.listen:
+                self.network._register(self)
+                self.identity.endpoint = self._endpoint
             self._handler = handler
-            self.identity.endpoint = self._endpoint
             self._started = True
-        return self._endpoint
+        return self.endpoint
 
     async def request(
         self,
@@ -434,6 +450,40 @@ class MemoryTransport(Transport):
         except MaculaError:
             self._n["request_errors"] += 1
             raise
+
+    def send_request(
+        self,
+        endpoint: str,
+        mtype: MessageType,
+        body: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        notify: Callable[[], None] | None = None,
+    ) -> asyncio.Future[Frame] | None:
+        """Send over an established session now; the future gets the raw reply (None: no session)."""
+        if self._closed:
+            raise NotStarted(f"{self._endpoint} is closed")
+        conn = self._sessions.get(endpoint)
+        if conn is None:
+            return None
+        if "id" not in body:
+            body["id"] = new_id()
+        self._n["requests_sent"] += 1
+        limit = self.request_timeout if timeout is None else timeout
+        return self._send(conn, mtype, body, limit, RequestTimeout, notify=notify)
+
+    async def request_session(
+        self, node_id: bytes, mtype: MessageType, body: dict[str, Any], *, timeout: float | None = None
+    ) -> Frame:
+        """Send a request back over the session that peer ``node_id`` opened to us."""
+        for conn in self._accepted:
+            if conn.client_peer is not None and conn.client_peer.node_id == node_id:
+                if "id" not in body:
+                    body = {**body, "id": new_id()}
+                limit = self.request_timeout if timeout is None else timeout
+                fut = self._send(conn, mtype, body, limit, RequestTimeout, reverse=True)
+                return raise_for_error(await _awaited(fut, conn.reverse_pending, body["id"]))
+        raise ConnectionClosed(f"no open session from node {node_id.hex()[:12]}")
 
     async def connect(self, endpoint: str) -> PeerInfo:
         """Establish (or reuse) the session with ``endpoint``; returns who answered."""
@@ -468,10 +518,11 @@ class MemoryTransport(Transport):
         net._unregister(self)
         outgoing = [*self._sessions.values(), *(conn for conn, _ in self._connecting.values())]
         for conn in outgoing:
-            _fail_pending(conn, f"{self._endpoint} was closed")
+            _fail(conn.pending, f"{self._endpoint} was closed")
             conn.abandoned = True
             net._send_notice(self.name, conn.server_name, _notice_to_server, conn, "closed")
         for conn in self._accepted:
+            _fail(conn.reverse_pending, f"{self._endpoint} was closed")
             net._send_notice(self.name, conn.client.name, _notice_to_client, conn, "closed")
         self._sessions.clear()
         self._accepted.clear()
@@ -490,7 +541,7 @@ class MemoryTransport(Transport):
         pending = sum(len(c.pending) for c in self._sessions.values())
         pending += sum(len(c.pending) for c, _ in self._connecting.values())
         return {
-            "endpoint": self._endpoint,
+            "endpoint": self.endpoint,
             "started": self.started,
             "closed": self._closed,
             **self._n,
@@ -556,40 +607,49 @@ class MemoryTransport(Transport):
         timeout_error: type[MaculaError],
     ) -> Frame:
         """Send one frame on ``conn`` and wait for the frame answering its id."""
+        return await _awaited(self._send(conn, mtype, body, limit, timeout_error), conn.pending, body["id"])
+
+    def _send(
+        self,
+        conn: _Conn,
+        mtype: MessageType,
+        body: dict[str, Any],
+        limit: float,
+        timeout_error: type[MaculaError],
+        *,
+        notify: Callable[[], None] | None = None,
+        reverse: bool = False,
+    ) -> asyncio.Future[Frame]:
+        """Send a request on ``conn`` (server to client with ``reverse``); the future gets its reply."""
         if self._closed:
             raise ConnectionClosed(f"{self._endpoint} was closed")
         data = codec.encode(mtype, body, max_frame_size=self.max_frame_size)
         rid = body["id"]
-        if rid in conn.pending:
+        pending = conn.reverse_pending if reverse else conn.pending
+        if rid in pending:
             raise InvalidField(f"request id {rid.hex()} is already waiting for a reply")
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Frame] = loop.create_future()
-        conn.pending[rid] = fut
+        waiting = _Waiting(loop.create_future(), notify)
+        pending[rid] = waiting
         # a timer handle, not a wait_for task wrapper: cheap, and the error is ours
-        timer = loop.call_later(limit, _expire, fut, timeout_error, conn.key, mtype, limit)
-        self.network._send_frame(self.name, conn.server_name, self.network._to_host, conn, data)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
-            if conn.pending.get(rid) is fut:
-                del conn.pending[rid]
+        waiting.timer = loop.call_later(limit, _expire, pending, rid, timeout_error, conn.key, mtype, limit)
+        if reverse:
+            self.network._send_frame(self.name, conn.client.name, _to_client, conn, data)
+        else:
+            self.network._send_frame(self.name, conn.server_name, self.network._to_host, conn, data)
+        return waiting.fut
 
-    def _on_reply(self, conn: _Conn, data: bytes) -> bool:
+    def _from_server(self, conn: _Conn, data: bytes) -> bool:
+        """A frame from the node we connected to: a reply to us, or a request of its own."""
         if self._closed:
             return False
         item = _decode(data, self.max_frame_size)
-        if isinstance(item, CodecError):
-            rid = getattr(item, "request_id", None)
-            fut = conn.pending.get(rid) if rid is not None else None
-            if fut is None:
-                log.warning("%s: undecodable reply from %s dropped: %s", self._endpoint, conn.key, item)
-            elif not fut.done():
-                fut.set_exception(item)  # a serialisation bug in the peer's reply
+        if isinstance(item, Frame) and item.type not in REPLY_TYPES:
+            if self._sessions.get(conn.key) is not conn:
+                return True  # a session we no longer hold: the server's request times out
+            self._answer(conn, item, conn.peer, reverse=False)
             return True
-        fut = conn.pending.get(item.id)
-        if fut is not None and not fut.done():  # else: late (timed out) or unknown id
-            fut.set_result(item)
+        _settle_reply(conn.pending, item, f"{self._endpoint}: undecodable reply from {conn.key} dropped")
         return True
 
     def _on_closed_by_peer(self, conn: _Conn, reason: str) -> None:
@@ -597,34 +657,38 @@ class MemoryTransport(Transport):
             return
         if self._sessions.get(conn.key) is conn:
             del self._sessions[conn.key]
-        _fail_pending(conn, f"{conn.key} closed the connection ({reason})")
+        _fail(conn.pending, f"{conn.key} closed the connection ({reason})")
 
     # ------------------------------------------------------- server side
-    def _on_request(self, conn: _Conn, data: bytes) -> bool:
+    def _from_client(self, conn: _Conn, data: bytes) -> bool:
+        """A frame from a client: CONNECT, a request, or a reply to our :meth:`request_session`."""
         if self._closed:
             return False
         item = _decode(data, self.max_frame_size)
+        ours = conn.server is self and conn in self._accepted
         if isinstance(item, CodecError):
             rid = getattr(item, "request_id", None)
             if rid is None:  # nothing to answer to; the requester will time out
                 log.warning(
                     "%s: undecodable frame from %s dropped: %s", self._endpoint, conn.client.name, item
                 )
-            else:
+            elif not (ours and _settle_reply(conn.reverse_pending, item, "")):
                 mtype, body = error_reply(item.code, str(item))
                 body["id"] = rid
-                self._reply(conn, mtype, body)
+                self._reply(conn, mtype, body, reverse=True)
             return True
         if item.type is MessageType.CONNECT:
             # A CONNECT that lands after its client gave up (overtaken by the close
             # notice under jitter) is ignored, as QUIC would idle-time it out.
             if not conn.abandoned:
                 self._accept(conn, item)
-        elif conn.server is not self or conn not in self._accepted:
+        elif not ours:
             # not our session (we are a new transport under an old name): reset it
             self.network._send_notice(self.name, conn.client.name, _notice_to_client, conn, "reset")
+        elif item.type in REPLY_TYPES:
+            _settle_reply(conn.reverse_pending, item, "")
         else:
-            self._spawn(self._serve(conn, item))
+            self._answer(conn, item, conn.client_peer, reverse=True)
         return True
 
     def _accept(self, conn: _Conn, frame: Frame) -> None:
@@ -638,29 +702,43 @@ class MemoryTransport(Transport):
                 conn.client_peer = peer
                 conn.server = self
                 self._accepted[conn] = None
-        self._reply(conn, mtype, body)
+        self._reply(conn, mtype, body, reverse=True)
 
-    async def _serve(self, conn: _Conn, frame: Frame) -> None:
-        assert self._handler is not None and conn.client_peer is not None
-        mtype, body = await run_handler(self._handler, frame, conn.client_peer)
+    def _answer(self, conn: _Conn, frame: Frame, peer: PeerInfo | None, *, reverse: bool) -> None:
+        """Serve one request; ``reverse``: the reply goes back to the client (we are its server)."""
+        if self._handler is None or peer is None:
+            mtype, body = error_reply("not_serving", f"{self._endpoint} serves no requests")
+            body["id"] = frame.id
+            self._reply(conn, mtype, body, reverse=reverse)
+            return
+        result = answer(self._handler, frame, peer)
+        if isinstance(result, tuple):  # answered at once, as QUIC does: no task
+            self._n["served"] += 1
+            self._reply(conn, *result, reverse=reverse)
+        else:
+            self._spawn(self._serve(conn, result, reverse))
+
+    async def _serve(self, conn: _Conn, pending: Awaitable[Reply], reverse: bool) -> None:
+        mtype, body = await pending
         self._n["served"] += 1
-        self._reply(conn, mtype, body)
+        self._reply(conn, mtype, body, reverse=reverse)
 
-    def _reply(self, conn: _Conn, mtype: MessageType, body: dict[str, Any]) -> None:
+    def _reply(self, conn: _Conn, mtype: MessageType, body: dict[str, Any], *, reverse: bool) -> None:
+        """Send a reply: to the client (``reverse``, we serve its session) or to the server."""
         if self._closed:  # a handler that outlived close() (it called close() itself)
             return
+        peer_name = conn.client.name if reverse else conn.server_name
         try:
             data = codec.encode(mtype, body, max_frame_size=self.max_frame_size)
         except CodecError as exc:  # the handler built a bad reply: answer with what went wrong
-            log.warning(
-                "%s: %s reply to %s cannot be encoded: %s", self._endpoint, mtype.name, conn.client.name, exc
-            )
+            log.warning("%s: %s reply to %s cannot be encoded: %s", self._endpoint, mtype.name, peer_name, exc)
             mtype, error = error_reply(exc.code, f"{mtype.name} reply could not be encoded: {exc}")
             error["id"] = body["id"]
             data = codec.encode(mtype, error, max_frame_size=self.max_frame_size)
         if mtype is MessageType.ERROR:
             self._n["served_errors"] += 1
-        self.network._send_frame(self.name, conn.client.name, _to_client, conn, data)
+        deliver = _to_client if reverse else self.network._to_host
+        self.network._send_frame(self.name, peer_name, deliver, conn, data)
 
     # ------------------------------------------------------------- tasks
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -679,8 +757,58 @@ class MemoryTransport(Transport):
 
 
 # ------------------------------------------------------------------ helpers
+class _Waiting:
+    """A request in flight: its reply future, its deadline timer, and who to tell when it ends."""
+
+    __slots__ = ("fut", "notify", "timer")
+
+    def __init__(self, fut: asyncio.Future[Frame], notify: Callable[[], None] | None):
+        self.fut = fut
+        self.notify = notify
+        self.timer: asyncio.TimerHandle | None = None
+
+    def settle(self, result: Frame | None = None, exc: BaseException | None = None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.fut.done():  # the requester gave up (cancelled)
+            return
+        if exc is None:
+            self.fut.set_result(result)
+        else:
+            self.fut.set_exception(exc)
+        if self.notify is not None:  # synchronously, as the QUIC transport does
+            self.notify()
+
+
+async def _awaited(fut: asyncio.Future[Frame], pending: dict[bytes, _Waiting], rid: bytes) -> Frame:
+    """Await a reply future; a requester that gives up (cancelled) forgets its request at once."""
+    try:
+        return await fut
+    finally:
+        waiting = pending.get(rid)
+        if waiting is not None and waiting.fut is fut:
+            del pending[rid]
+            if waiting.timer is not None:
+                waiting.timer.cancel()
+
+
+def _settle_reply(pending: dict[bytes, _Waiting], item: Frame | CodecError, undecodable: str) -> bool:
+    """Hand a reply (or an undecodable one) to the request waiting for it; False if none waits."""
+    rid = getattr(item, "request_id", None) if isinstance(item, CodecError) else item.id
+    waiting = pending.pop(rid, None) if rid is not None else None
+    if waiting is None:  # late (timed out), unknown id, or undecodable without an id
+        if isinstance(item, CodecError) and undecodable:
+            log.warning("%s: %s", undecodable, item)
+        return False
+    if isinstance(item, CodecError):
+        waiting.settle(exc=item)  # a serialisation bug in the peer's reply
+    else:
+        waiting.settle(item)
+    return True
+
+
 def _to_client(dst: str, conn: _Conn, data: bytes) -> bool:
-    return conn.client._on_reply(conn, data)
+    return conn.client._from_server(conn, data)
 
 
 def _notice_to_client(dst: str, conn: _Conn, reason: str) -> bool:
@@ -689,23 +817,32 @@ def _notice_to_client(dst: str, conn: _Conn, reason: str) -> bool:
 
 
 def _notice_to_server(dst: str, conn: _Conn, reason: str) -> bool:
-    if conn.server is not None:
-        conn.server._accepted.pop(conn, None)
+    server = conn.server
+    if server is not None and server._accepted.pop(conn, None) is not None:
+        _fail(conn.reverse_pending, f"{conn.client.name} closed the connection ({reason})")
+        if server.on_session_closed is not None and conn.client_peer is not None and not server._closed:
+            server.on_session_closed(conn.client_peer)
     return True
 
 
-def _fail_pending(conn: _Conn, message: str) -> None:
-    for fut in conn.pending.values():
-        if not fut.done():
-            fut.set_exception(ConnectionClosed(message))
-    conn.pending.clear()
+def _fail(pending: dict[bytes, _Waiting], message: str) -> None:
+    waiting = list(pending.values())
+    pending.clear()
+    for w in waiting:
+        w.settle(exc=ConnectionClosed(message))
 
 
 def _expire(
-    fut: asyncio.Future[Frame], error: type[MaculaError], key: str, mtype: MessageType, timeout: float
+    pending: dict[bytes, _Waiting],
+    rid: bytes,
+    error: type[MaculaError],
+    key: str,
+    mtype: MessageType,
+    timeout: float,
 ) -> None:
-    if not fut.done():
-        fut.set_exception(error(f"{key} did not answer {mtype.name} within {timeout:g} s"))
+    waiting = pending.pop(rid, None)
+    if waiting is not None:
+        waiting.settle(exc=error(f"{key} did not answer {mtype.name} within {timeout:g} s"))
 
 
 def _decode(data: bytes, max_frame_size: int) -> Frame | CodecError:

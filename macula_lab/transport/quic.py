@@ -50,7 +50,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aioquic import tls
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer, serve
 from aioquic.quic import events
@@ -62,6 +61,7 @@ from aioquic.tls import verify_certificate
 from ..core.codec import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode
 from ..core.endpoint import Endpoint, parse_endpoint
 from ..core.messages import REPLY_TYPES, Frame, MessageType, new_id
+from ..core.params import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT
 from ..core.session import Identity, PeerInfo, accept_connect, connect_body, peer_from_ack
 from ..errors import (
     CertificateError,
@@ -74,9 +74,8 @@ from ..errors import (
     RealmMismatch,
     RequestTimeout,
 )
+from . import aioquic_compat as compat
 from .base import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_REQUEST_TIMEOUT,
     Reply,
     RequestHandler,
     Transport,
@@ -188,7 +187,7 @@ class MaculaProtocol(QuicConnectionProtocol):
     # ------------------------------------------------------------ requests
     @property
     def is_closed(self) -> bool:
-        return self.terminated is not None or self._closed.is_set()
+        return self.terminated is not None or compat.protocol_closed(self)
 
     async def request(self, mtype: MessageType, body: dict[str, Any], timeout: float) -> Frame:
         """Send one request on this connection and wait for its reply."""
@@ -303,7 +302,7 @@ class MaculaProtocol(QuicConnectionProtocol):
 
     def _flush(self) -> None:
         self._flush_handle = None
-        transport = self._transport
+        transport = compat.datagram_transport(self)
         if transport is not None and not transport.is_closing():  # closed meanwhile: nothing to do
             super().transmit()
 
@@ -350,9 +349,7 @@ class MaculaProtocol(QuicConnectionProtocol):
         request/reply, built, encrypted, sent, received and processed.  So the reply
         to such a request carries the ACK.
         """
-        space = self._quic._spaces.get(tls.Epoch.ONE_RTT)  # aioquic internals (tested)
-        if space is not None and space.ack_at is not None:
-            space.ack_at = self._loop.time()
+        compat.ack_with_next_packet(self._quic, self._loop.time())
 
     def _peer_initiated(self, stream_id: int) -> bool:
         # QUIC stream ids: bit 0 is 0 for client-initiated, 1 for server-initiated streams
@@ -506,31 +503,22 @@ class MaculaProtocol(QuicConnectionProtocol):
         for task in list(self._tasks):
             self._loop.call_soon(task.cancel)
 
-    def _drop_connected_waiter(self) -> None:
-        # aioquic fails this future when a connection that never completed its
-        # handshake terminates; nobody awaits it any more once we gave up
-        waiter = self._connected_waiter
-        if waiter is not None and not waiter.done():
-            waiter.cancel()
-        self._connected_waiter = None
-
     def crash(self) -> None:
         """Vanish without a CONNECTION_CLOSE: the peer only notices by timing out."""
-        self._drop_connected_waiter()
+        compat.drop_connected_waiter(self)
         self._cancel_handlers()
         self._fail_pending(ConnectionClosed("connection aborted locally"))
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        compat.stop_timer(self)
         self.terminated = self.terminated or events.ConnectionTerminated(
             error_code=QuicErrorCode.NO_ERROR, frame_type=None, reason_phrase="aborted"
         )
-        if self.outgoing and self._transport is not None:
-            self._transport.close()
+        udp = compat.datagram_transport(self)
+        if self.outgoing and udp is not None:
+            udp.close()
 
     def abort(self, reason: str = "closing") -> None:
         """Close the connection and cancel its request handlers."""
-        self._drop_connected_waiter()
+        compat.drop_connected_waiter(self)
         self._cancel_handlers()
         if not self.is_closed:
             self.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase=reason)
@@ -622,7 +610,7 @@ class QuicTransport(Transport):
                 configuration=config,
                 create_protocol=lambda quic, stream_handler=None: self._incoming_protocol(quic),
             )
-            sock = self._server._transport.get_extra_info("socket")
+            sock = compat.server_transport(self._server).get_extra_info("socket")
             port = sock.getsockname()[1]
             self.identity.endpoint = self._advertise or str(Endpoint("quic", self._public_host(), port))
         self.pool.start()
@@ -667,7 +655,7 @@ class QuicTransport(Transport):
         for proto in list(self._incoming):
             proto.crash()
         if self._server is not None:
-            self._server._transport.close()  # the socket, without QuicServer.close()'s goodbyes
+            compat.server_transport(self._server).close()  # the socket, without QuicServer.close()'s goodbyes
             self._server = None
         self._incoming.clear()
         self._verified_incoming.clear()
@@ -786,7 +774,7 @@ class QuicTransport(Transport):
         proto = MaculaProtocol(quic, owner=self, outgoing=False)
         self._incoming.add(proto)
         if self.tls.verify and self.tls.ca:
-            _request_client_certificate(quic)
+            compat.request_client_certificate(quic)
         return proto
 
     def register(self, proto: MaculaProtocol) -> int:
@@ -811,8 +799,7 @@ class QuicTransport(Transport):
         it listens on.  Clients without a certificate (attached notebooks) stay
         ordinary sessions; nothing is refused here.
         """
-        tls = getattr(proto._quic, "tls", None)
-        cert = getattr(tls, "_peer_certificate", None)
+        cert, chain = compat.peer_certificate(proto._quic)
         if cert is None or not peer.endpoint or not self.tls.ca:
             return
         try:
@@ -822,7 +809,7 @@ class QuicTransport(Transport):
                     self._ca_data = f.read()
             verify_certificate(
                 certificate=cert,
-                chain=list(getattr(tls, "_peer_certificate_chain", []) or []),
+                chain=chain,
                 server_name=ep.host,
                 cadata=self._ca_data,
             )
@@ -891,7 +878,9 @@ class QuicTransport(Transport):
             await proto.handshake(self.identity, max(0.1, deadline - loop.time()))
         except BaseException:
             proto.abort("handshake failed")
-            proto._transport.close()
+            udp = compat.datagram_transport(proto)
+            if udp is not None:
+                udp.close()
             raise
         log.debug("connected to %s (%s)", endpoint, proto.peer.name if proto.peer else "?")
         return proto
@@ -913,8 +902,9 @@ class QuicTransport(Transport):
         """A connection terminated: drop it from wherever we keep it."""
         if proto.outgoing:
             self.pool.discard(proto.endpoint, proto)
-            if proto._transport is not None:
-                proto._transport.close()
+            udp = compat.datagram_transport(proto)
+            if udp is not None:
+                udp.close()
         else:
             self._incoming.discard(proto)
             self._drop_verified(proto)
@@ -926,25 +916,7 @@ class QuicTransport(Transport):
 
     async def _close_conn(self, proto: MaculaProtocol) -> None:
         proto.abort("idle")
-        if proto._transport is not None:
+        udp = compat.datagram_transport(proto)
+        if udp is not None:
             await asyncio.sleep(0)  # let the CONNECTION_CLOSE datagram go out
-            proto._transport.close()
-
-
-def _request_client_certificate(quic: QuicConnection) -> None:
-    """Make this server connection ask the client for its certificate (TLS CertificateRequest).
-
-    aioquic supports client certificates in its TLS layer but exposes the switch
-    only as a private flag of the TLS context, which exists once the first
-    Initial packet arrives; we set it right there.  A client without a
-    certificate answers with an empty one and the handshake goes on (RFC 8446
-    4.4.2.4).  The server does not verify the chain itself: see
-    :meth:`QuicTransport.authenticate_client`.
-    """
-    initialize = quic._initialize
-
-    def _initialize(peer_cid: bytes) -> None:
-        initialize(peer_cid)
-        quic.tls._request_client_certificate = True
-
-    quic._initialize = _initialize
+            udp.close()

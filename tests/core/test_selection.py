@@ -233,7 +233,7 @@ def test_unknown_strategy():
         make_strategy("round-robin")
     err = info.value
     assert isinstance(err, MaculaError) and isinstance(err, ValueError)
-    assert err.code == "unknown_strategy"
+    assert err.code == "invalid_field" and err.field == "strategy"
     assert "round_robin" in str(err) and "least_loaded" in str(err)
     assert "round_robin" in err.known
 

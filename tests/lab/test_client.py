@@ -60,7 +60,7 @@ async def test_client_discovers_and_calls_through_its_node(nodes, certs):
     )
     async with await macula_lab.connect(n1.endpoint, realm=REALM, ca=str(certs["client"].ca)) as client:
         [p] = await client.discover("math.add")
-        assert p.node_id == n2.node_id and p.metadata["node"] == "node-2" and p.live(client.node.dht.now())
+        assert p.node_id == n2.node_id and p.metadata["node"] == "node-2" and p.live(client.host.now())
         res = await client.call("math.add", {"a": 50, "b": 7}, details=True)
         assert res.value == {"result": 57, "node": "node-2"} and res.provider == "node-2"
         with pytest.raises(ServiceNotFound):

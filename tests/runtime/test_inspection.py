@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from macula_lab.lab.client import connect
-from macula_lab.runtime.inspection import SECTIONS, Unauthorized, UnknownSection, snapshot
+from macula_lab.runtime.inspection import SECTIONS, Unauthorized, UnknownSection
 
 REALM = "com.test.inspect"
 
@@ -15,20 +15,20 @@ async def test_snapshot_sections(nodes):
     n2 = await nodes("node-2", realm=REALM, bootstrap=[n1.endpoint])
     await n1.advertise("svc.x", lambda a: a, ttl=10)
     await n2.call("svc.x", 1)
-    snap = snapshot(n2)
+    snap = n2.inspector.snapshot()
     assert set(snap) == {"time", "name", *SECTIONS}
     assert snap["routing"][0]["name"] == "node-1"
     [provider] = snap["providers"]
     assert provider["provider"] == "node-1" and provider["selected"] == 1
     assert snap["metrics"]["gauges"]["cache_misses"] == 1 and snap["metrics"]["samples"]["rpc_rtt"]
-    [ad] = snapshot(n1, ["advertisements"])["advertisements"]
+    [ad] = n1.inspector.snapshot(["advertisements"])["advertisements"]
     assert ad["service"] == "svc.x" and ad["interval"] == pytest.approx(8.0) and 0 < ad["next_fire_in"] <= 8
-    records = snapshot(n1, ["records"])["records"] + snap["records"]
+    records = n1.inspector.snapshot(["records"])["records"] + snap["records"]
     assert records and all(r["metadata"]["service"] == "svc.x" and 0 < r["remaining"] <= 10 for r in records)
-    later = snapshot(n2, ["metrics", "events"], since=snap["time"])
+    later = n2.inspector.snapshot(["metrics", "events"], since=snap["time"])
     assert later["metrics"]["samples"]["rpc_rtt"] == [] and later["events"] == []
     with pytest.raises(UnknownSection, match="bogus"):
-        snapshot(n1, ["bogus"])
+        n1.inspector.snapshot(["bogus"])
 
 
 async def test_node_without_admin_token_refuses_inspection(nodes, certs):
