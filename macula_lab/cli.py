@@ -20,6 +20,7 @@ import signal
 import sys
 
 from . import __version__
+from .core.params import DEFAULT_REALM
 from .errors import MaculaError
 
 log = logging.getLogger("macula_lab")
@@ -47,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("certs", help="lab CA and node certificates (see `macula-lab certs -h`)", add_help=False)
     p_ping = sub.add_parser("ping", help="handshake with a node and PING it")
     p_ping.add_argument("endpoint", help="quic://host:port of the node")
-    p_ping.add_argument("--realm", default=os.environ.get("MACULA_REALM", "com.example.realm"))
+    p_ping.add_argument(
+        "--realm",
+        default=os.environ.get("MACULA_REALM", DEFAULT_REALM),
+        help=f"realm of the node (env MACULA_REALM; default {DEFAULT_REALM})",
+    )
     p_ping.add_argument(
         "--ca", default=os.environ.get("MACULA_CA"), help="lab CA certificate (env MACULA_CA)"
     )

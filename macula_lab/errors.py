@@ -46,10 +46,6 @@ class MalformedPayload(CodecError):
     code = "malformed_payload"
 
 
-class MissingField(CodecError):
-    code = "missing_field"
-
-
 class InvalidField(CodecError, ValueError):
     """A value that breaks its rules (see :mod:`macula_lab.core.params`): a wire field or an argument.
 
@@ -103,6 +99,12 @@ class ConnectionClosed(TransportError):
     """The connection closed while a request was waiting for its reply."""
 
     code = "connection_closed"
+
+
+class MissingField(InvalidField):
+    """A required field is absent (``field`` names it)."""
+
+    code = "missing_field"
 
 
 class InvalidEndpoint(InvalidField):

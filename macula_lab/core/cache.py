@@ -21,9 +21,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from .params import DEFAULT_CACHE_TTL, check_cache_ttl
 from .records import ProviderEntry
 
-DEFAULT_CACHE_TTL = 60.0
 DEFAULT_MAX_SERVICES = 10_000
 
 
@@ -43,8 +43,7 @@ class DiscoveryCache:
     """service -> providers, each entry valid ``ttl`` seconds after :meth:`put`."""
 
     def __init__(self, ttl: float = DEFAULT_CACHE_TTL, max_services: int = DEFAULT_MAX_SERVICES) -> None:
-        if not ttl >= 0:  # also refuses NaN
-            raise ValueError(f"cache ttl must be >= 0 seconds, got {ttl!r}")
+        check_cache_ttl(ttl)
         if max_services < 1:
             raise ValueError(f"max_services must be >= 1, got {max_services!r}")
         self.ttl = float(ttl)

@@ -81,11 +81,24 @@ def parse_endpoint(text: str) -> Endpoint:
 
 
 def check_endpoint(value: object, field: str = "endpoint") -> str:
-    """A valid endpoint (the canonical string form), or :class:`InvalidEndpoint` naming ``field``."""
+    """A valid endpoint (the canonical string form), or :class:`InvalidEndpoint` naming ``field``.
+
+    Cached: every contact in every DHT reply is checked, and a node meets a bounded set of peers.
+    """
+    if not isinstance(value, str):
+        raise InvalidEndpoint(f"{field}: must be text, got {type(value).__name__}", field=field)
+    canonical, problem = _canonical(value)
+    if problem:
+        raise InvalidEndpoint(f"{field}: {problem}", field=field)
+    return canonical
+
+
+@lru_cache(maxsize=4096)
+def _canonical(text: str) -> tuple[str, str]:
     try:
-        return str(parse_endpoint(value))  # type: ignore[arg-type]  # non-strings are refused there
+        return str(parse_endpoint(text)), ""
     except InvalidEndpoint as exc:
-        raise InvalidEndpoint(f"{field}: {exc}", field=field) from None
+        return "", str(exc)
 
 
 @lru_cache(maxsize=4096)

@@ -14,10 +14,14 @@ request; replies are matched by id, never by arrival order.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from enum import IntEnum
 from typing import Any, NamedTuple
 
 from ..errors import InvalidField, MissingField
+from . import params
+from .endpoint import check_endpoint
+from .selection import check_strategy
 
 PROTOCOL_VERSION = 1
 ID_SIZE = 16
@@ -88,6 +92,9 @@ class Field(NamedTuple):
     types: tuple[type, ...] | None  # None: any msgpack value
     required: bool = True
     size: int | None = None  # exact length for bytes
+    #: the value's rule (a check of :mod:`.params`, called with the value and the field
+    #: name; returns the value, maybe normalised, or raises InvalidField)
+    check: Callable[[Any, str], Any] | None = None
 
 
 ANY = Field(None)
@@ -104,15 +111,31 @@ def optional(f: Field) -> Field:
     return f._replace(required=False)
 
 
+def checked(f: Field, check: Callable[[Any, str], Any], *, allow_empty: bool = False) -> Field:
+    """``f`` whose value must also pass ``check`` (``""`` passes too with ``allow_empty``)."""
+    if allow_empty:
+        inner = check
+
+        def check(value: Any, field: str) -> Any:
+            return value if value == "" else inner(value, field)
+
+    return f._replace(check=check)
+
+
+SECONDS = Field((int, float))
+SERVICE = checked(STR, params.check_service_name)
+
+
 SCHEMAS: dict[MessageType, dict[str, Field]] = {
     MessageType.CONNECT: {
         "id": REQ_ID,
         "version": INT,
         "node_id": NODE_ID,
-        "realm": STR,
+        "realm": checked(STR, params.check_realm),
         "capabilities": LIST,
-        "endpoint": optional(STR),  # where the sender listens ("" for pure clients)
-        "name": optional(STR),
+        # where the sender listens ("" for pure clients)
+        "endpoint": optional(checked(STR, check_endpoint, allow_empty=True)),
+        "name": optional(checked(STR, params.check_node_name, allow_empty=True)),
     },
     MessageType.CONNECT_ACK: {
         "id": REQ_ID,
@@ -133,19 +156,24 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
     MessageType.PONG: {"id": REQ_ID},
     MessageType.CALL: {"id": REQ_ID, "procedure": STR, "args": ANY},
     MessageType.REPLY: {"id": REQ_ID, "result": ANY},
-    MessageType.ADVERTISE: {"id": REQ_ID, "service": STR, "ttl": Field((int, float)), "metadata": MAP},
+    MessageType.ADVERTISE: {
+        "id": REQ_ID,
+        "service": SERVICE,
+        "ttl": checked(SECONDS, params.check_ttl),
+        "metadata": checked(MAP, params.check_metadata),
+    },
     MessageType.ADVERTISE_REPLY: {"id": REQ_ID, "replicas": INT},
-    MessageType.UNADVERTISE: {"id": REQ_ID, "service": STR},
+    MessageType.UNADVERTISE: {"id": REQ_ID, "service": SERVICE},
     MessageType.UNADVERTISE_REPLY: {"id": REQ_ID, "removed": INT},
-    MessageType.DISCOVER: {"id": REQ_ID, "service": STR, "refresh": BOOL},
+    MessageType.DISCOVER: {"id": REQ_ID, "service": SERVICE, "refresh": BOOL},
     MessageType.DISCOVER_REPLY: {"id": REQ_ID, "providers": LIST},
     MessageType.SERVICE_CALL: {
         "id": REQ_ID,
-        "service": STR,
+        "service": SERVICE,
         "args": ANY,
-        "timeout": Field((int, float)),
-        "strategy": optional(STR),
-        "max_attempts": optional(INT),
+        "timeout": checked(SECONDS, params.check_timeout),
+        "strategy": optional(checked(STR, check_strategy)),
+        "max_attempts": optional(checked(INT, params.check_attempts)),
     },
     MessageType.SERVICE_REPLY: {
         "id": REQ_ID,
@@ -170,7 +198,7 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "id": REQ_ID,
         "token": STR,
         "sections": LIST,
-        "since": optional(Field((int, float))),
+        "since": optional(checked(SECONDS, params.check_since)),
     },
     MessageType.INSPECT_REPLY: {"id": REQ_ID, "snapshot": MAP},
 }
@@ -190,7 +218,7 @@ def validate(mtype: MessageType, body: Any) -> dict[str, Any]:
     # Fast path (runs on every frame sent and received): a plain dict whose fields
     # all have exactly one of the allowed types.  Anything else -- a missing or
     # mistyped field, a subclass value -- takes the full check, which decides and
-    # words the error.
+    # words the error.  Then the value rules of the fields that have one.
     if body.__class__ is dict:
         for name, required, exact, size in _COMPILED[mtype]:
             value = body.get(name, _ABSENT)
@@ -202,8 +230,18 @@ def validate(mtype: MessageType, body: Any) -> dict[str, Any]:
             ):
                 break
         else:
-            return body
-    return _validate_fully(mtype, body)
+            return _apply_checks(mtype, body)
+    return _apply_checks(mtype, _validate_fully(mtype, body))
+
+
+def _apply_checks(mtype: MessageType, body: dict[str, Any]) -> dict[str, Any]:
+    for name, check in _CHECKED[mtype]:
+        if name in body:
+            try:
+                body[name] = check(body[name], name)
+            except InvalidField as exc:
+                raise InvalidField(f"{mtype.name}.{exc}", field=name) from None
+    return body
 
 
 def _validate_fully(mtype: MessageType, body: Any) -> dict[str, Any]:
@@ -212,7 +250,7 @@ def _validate_fully(mtype: MessageType, body: Any) -> dict[str, Any]:
     for name, spec in SCHEMAS[mtype].items():
         if name not in body:
             if spec.required:
-                raise MissingField(f"{mtype.name} lacks field {name!r}")
+                raise MissingField(f"{mtype.name} lacks field {name!r}", field=name)
             continue
         value = body[name]
         if spec.types is None:
@@ -220,14 +258,20 @@ def _validate_fully(mtype: MessageType, body: Any) -> dict[str, Any]:
         if not isinstance(value, spec.types) or (isinstance(value, bool) and bool not in spec.types):
             raise InvalidField(
                 f"{mtype.name}.{name} must be {'/'.join(t.__name__ for t in spec.types)}, "
-                f"got {type(value).__name__}"
+                f"got {type(value).__name__}",
+                field=name,
             )
         if spec.size is not None and len(value) != spec.size:
-            raise InvalidField(f"{mtype.name}.{name} must be {spec.size} bytes, got {len(value)}")
+            raise InvalidField(f"{mtype.name}.{name} must be {spec.size} bytes, got {len(value)}", field=name)
     return body
 
 
 _ABSENT = object()
+#: (field, check) of the fields with a value rule, per type (most types have none)
+_CHECKED: dict[MessageType, tuple[tuple[str, Callable[[Any, str], Any]], ...]] = {
+    mtype: tuple((name, f.check) for name, f in schema.items() if f.check is not None)
+    for mtype, schema in SCHEMAS.items()
+}
 #: SCHEMAS flattened for validate()'s fast path: (name, required, exact types or
 #: None for "any", exact size or None) per field.  Derived once: SCHEMAS is fixed.
 _COMPILED: dict[MessageType, tuple[tuple[str, bool, frozenset[type] | None, int | None], ...]] = {

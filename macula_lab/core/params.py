@@ -79,6 +79,11 @@ def check_timeout(value: Any, field: str = "timeout") -> float:
     return check_seconds(value, field, low=0.0, high=MAX_TIMEOUT, low_open=True)
 
 
+def check_since(value: Any, field: str = "since") -> float:
+    """A wall-clock time (seconds since the epoch, or 0): finite and not negative."""
+    return check_seconds(value, field, low=0.0, high=1e12)
+
+
 def check_cache_ttl(value: Any, field: str = "cache_ttl") -> float:
     """How long discovered providers are cached: 0 (no cache) .. 24 h."""
     return check_seconds(value, field, low=0.0, high=MAX_TTL)

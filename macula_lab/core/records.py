@@ -11,8 +11,10 @@ replaced the whole value (last provider wins) and never enforced the TTL; here:
   later of the two.  A lower ``seq`` is stale and refused.  Providers should use
   a seq that survives restarts (e.g. milliseconds since the epoch).
 * **Expiry.**  Every storing node drops an entry at ``now + ttl``; :meth:`get`
-  never returns an expired entry even before :meth:`expire` runs.  The TTL is
-  capped (24 h by default) so a peer cannot pin an entry forever.
+  never returns an expired entry even before :meth:`expire` runs.  A TTL above
+  24 h (:data:`~.params.MAX_TTL`) is refused, never clamped: a peer cannot pin
+  an entry forever, and a provider never sees its record lapse before it
+  republishes.
 * **Removal.**  :meth:`RecordStore.remove` leaves a tombstone holding the removed
   entry's seq until that entry would have expired, so a replica that missed the
   REMOVE cannot resurrect it by handing it over again; a fresh advertisement
@@ -38,17 +40,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-import msgpack
-
 from ..errors import InvalidField
+from .endpoint import check_endpoint
 from .ids import ID_BYTES, check_id, xor_distance
+from .params import DEFAULT_TTL, MAX_TTL, check_metadata, check_seconds
 
 if TYPE_CHECKING:
     from .routing import Contact, RoutingTable
 
-MAX_TTL = 24 * 3600.0
-MAX_METADATA_BYTES = 4096  # msgpack-encoded
-MAX_ENDPOINT_LEN = 256
 MAX_SEQ = (1 << 64) - 1
 DEFAULT_MAX_KEYS = 10_000
 DEFAULT_MAX_PROVIDERS = 100
@@ -61,7 +60,7 @@ class ProviderEntry:
     node_id: bytes
     endpoint: str
     metadata: dict[str, Any] = field(default_factory=dict, hash=False)
-    ttl: float = 300.0
+    ttl: float = DEFAULT_TTL
     seq: int = 0
     expires_at: float | None = None  # set by the storing node
 
@@ -79,22 +78,22 @@ class ProviderEntry:
         }
 
     @classmethod
-    def from_wire(cls, d: Any, *, max_ttl: float = MAX_TTL) -> ProviderEntry:
-        """Validate a peer's value; raises :class:`InvalidField` naming the problem."""
+    def from_wire(cls, d: Any) -> ProviderEntry:
+        """Validate a peer's value; raises :class:`InvalidField` naming the problem.
+
+        The TTL is what is left of the record's life (a handover carries the
+        remaining time), so anything in (0, 24 h] is accepted; more is refused.
+        """
         if not isinstance(d, dict):
-            raise InvalidField(f"provider entry must be a map, got {type(d).__name__}")
+            raise InvalidField(f"provider entry must be a map, got {type(d).__name__}", field="value")
         node_id = check_id(d.get("node_id"), "provider node_id")
-        endpoint = d.get("endpoint")
-        if not isinstance(endpoint, str) or len(endpoint) > MAX_ENDPOINT_LEN:
-            raise InvalidField(f"provider endpoint must be a string of at most {MAX_ENDPOINT_LEN} chars")
-        metadata = _check_metadata(d.get("metadata", {}))
-        ttl = d.get("ttl")
-        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
-            raise InvalidField(f"provider ttl must be a positive finite number, got {ttl!r}")
+        endpoint = check_endpoint(d.get("endpoint"), "endpoint")
+        metadata = check_metadata(d.get("metadata", {}))
+        ttl = check_seconds(d.get("ttl"), "ttl", low=0.0, high=MAX_TTL, low_open=True)
         seq = d.get("seq")
         if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ:
-            raise InvalidField(f"provider seq must be an integer in 0..2**64-1, got {seq!r}")
-        return cls(node_id, endpoint, metadata, min(float(ttl), max_ttl), seq)
+            raise InvalidField(f"provider seq must be an integer in 0..2**64-1, got {seq!r}", field="seq")
+        return cls(node_id, endpoint, metadata, ttl, seq)
 
     def remaining(self, now: float) -> float:
         """Seconds left before expiry (inf if not stored)."""
@@ -102,20 +101,6 @@ class ProviderEntry:
 
     def live(self, now: float) -> bool:
         return self.expires_at is None or self.expires_at > now
-
-
-def _check_metadata(metadata: Any) -> dict[str, Any]:
-    if not isinstance(metadata, dict):
-        raise InvalidField(f"provider metadata must be a map, got {type(metadata).__name__}")
-    if not all(isinstance(key, str) for key in metadata):
-        raise InvalidField("provider metadata keys must be strings")
-    try:
-        size = len(msgpack.packb(metadata, use_bin_type=True))
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise InvalidField(f"provider metadata is not serialisable: {exc}") from None
-    if size > MAX_METADATA_BYTES:
-        raise InvalidField(f"provider metadata is {size} bytes, more than {MAX_METADATA_BYTES}")
-    return metadata
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,16 +112,9 @@ class _Tombstone:
 class RecordStore:
     """key (32 bytes) -> {provider node id -> ProviderEntry}, with expiry."""
 
-    def __init__(
-        self,
-        *,
-        max_keys: int = DEFAULT_MAX_KEYS,
-        max_providers: int = DEFAULT_MAX_PROVIDERS,
-        max_ttl: float = MAX_TTL,
-    ) -> None:
+    def __init__(self, *, max_keys: int = DEFAULT_MAX_KEYS, max_providers: int = DEFAULT_MAX_PROVIDERS) -> None:
         self.max_keys = max_keys
         self.max_providers = max_providers
-        self.max_ttl = max_ttl
         self._data: dict[bytes, dict[bytes, ProviderEntry]] = {}
         self._tombstones: dict[tuple[bytes, bytes], _Tombstone] = {}
         # (expires_at, key, provider): lazy heap, stale items skipped when popped
@@ -148,10 +126,9 @@ class RecordStore:
     def store(self, key: bytes, entry: ProviderEntry, now: float) -> bool:
         """Merge ``entry`` under ``key``; True if it was accepted (see module doc)."""
         check_id(key, "key")
-        entry = replace(entry, ttl=min(entry.ttl, self.max_ttl))
+        if not 0 < entry.ttl <= MAX_TTL:  # entries are checked where they enter (from_wire, services)
+            raise InvalidField(f"ttl must be in (0, {MAX_TTL:g}] seconds, got {entry.ttl!r}", field="ttl")
         expires_at = now + entry.ttl
-        if expires_at <= now:
-            return False  # handed over with nothing left to live
         providers = self._data.get(key)
         current = providers.get(entry.node_id) if providers else None
         if current is not None and current.live(now):

@@ -42,7 +42,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidField
+from .endpoint import check_endpoint
 from .ids import ID_BITS, bucket_index, check_id, hex_short, xor_distance
+from .params import check_node_name
 
 DEFAULT_K = 20
 DEFAULT_MAX_FAILURES = 2
@@ -51,8 +53,6 @@ DEFAULT_PING_TIMEOUT = 10.0
 #: a contact heard from within this time is not pinged to make room for a newcomer
 DEFAULT_FRESH_FOR = 60.0
 DEFAULT_REFRESH_INTERVAL = 3600.0
-MAX_ENDPOINT_LEN = 256
-MAX_NAME_LEN = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,12 +72,10 @@ class Contact:
         if not isinstance(item, dict):
             raise InvalidField(f"contact must be a map, got {type(item).__name__}")
         node_id = check_id(item.get("node_id"), "contact node_id")
-        endpoint = item.get("endpoint")
+        endpoint = check_endpoint(item.get("endpoint"), "endpoint")
         name = item.get("name", "")
-        if not isinstance(endpoint, str) or len(endpoint) > MAX_ENDPOINT_LEN:
-            raise InvalidField(f"contact endpoint must be a string of at most {MAX_ENDPOINT_LEN} chars")
-        if not isinstance(name, str) or len(name) > MAX_NAME_LEN:
-            raise InvalidField(f"contact name must be a string of at most {MAX_NAME_LEN} chars")
+        if name:
+            check_node_name(name)
         return cls(node_id, endpoint, name)
 
     @property

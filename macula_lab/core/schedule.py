@@ -15,21 +15,19 @@ given; the runtime owns the real timer (``loop.call_at``/a task) and asks
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-READVERTISE_FRACTION = 0.8
+from .params import READVERTISE_FRACTION, check_ttl
+
 #: how many recent lateness values a timer keeps (bounded memory for long runs)
 LATENESS_WINDOW = 100
 
 
 def readvertise_interval(ttl: float) -> float:
-    """Seconds between two publications of an entry with this TTL (``ttl * 0.8``)."""
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
-        raise ValueError(f"ttl must be a positive finite number of seconds, got {ttl!r}")
-    return float(ttl) * READVERTISE_FRACTION
+    """Seconds between two publications of an entry with this TTL (``ttl * 0.8``); the TTL is checked."""
+    return check_ttl(ttl) * READVERTISE_FRACTION
 
 
 @dataclass

@@ -282,6 +282,13 @@ def register_strategy(name: str, factory: Callable[[], Strategy]) -> None:
     STRATEGIES[name] = factory
 
 
+def check_strategy(name: object, field: str = "strategy") -> str:
+    """A registered strategy name, or :class:`UnknownStrategy` (an :class:`InvalidField`)."""
+    if not isinstance(name, str) or name not in STRATEGIES:
+        raise UnknownStrategy(name, list(STRATEGIES))
+    return name
+
+
 def make_strategy(name_or_strategy: str | Strategy) -> Strategy:
     """A new strategy instance for a registered name, or the given instance itself.
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import os
 import re
 import socket
@@ -48,9 +47,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..core import params
 from ..core.codec import DEFAULT_MAX_FRAME_SIZE
 from ..core.endpoint import Endpoint, parse_endpoint, parse_host_port
-from ..errors import InvalidEndpoint, MaculaError
+from ..errors import InvalidEndpoint, InvalidField
 from ..runtime.handlers import BUILTINS
 
 __all__ = [
@@ -66,7 +66,7 @@ __all__ = [
 
 ENV_PREFIX = "MACULA_"
 CERTS_DIR_ENV = "MACULA_CERTS_DIR"
-DEFAULT_REALM = "com.example.realm"
+DEFAULT_REALM = params.DEFAULT_REALM
 DEFAULT_LISTEN = "quic://0.0.0.0:9443"
 DEFAULT_HEALTH_LISTEN = "0.0.0.0:8080"
 HEALTH_OFF = ("", "off")
@@ -75,19 +75,21 @@ MAX_FRAME_LIMIT = 0xFFFFFFFF  # the frame header's length field is 32 bits
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
-_REALM_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 _NODE_ID_RE = re.compile(r"[0-9a-fA-F]{64}")
 _LIST_SPLIT_RE = re.compile(r"[\s,]+")
-_SERVICE_NAME_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
-class ConfigError(MaculaError, ValueError):
-    """A node option has a bad value; the message names its flag and environment variable."""
+class ConfigError(InvalidField):
+    """A node option has a bad value; the message names its flag and environment variable.
+
+    An :class:`~macula_lab.errors.InvalidField` whose ``field`` is the option: the
+    same rules (:mod:`macula_lab.core.params`) and the same error as everywhere else.
+    """
 
     code = "config_error"
 
     def __init__(self, message: str, *, option: str | None = None, env: str | None = None):
-        super().__init__(message)
+        super().__init__(message, field=option)
         self.option = option
         self.env = env
 
@@ -133,13 +135,13 @@ class NodeConfig:
     log_level: str = "INFO"
     node_id: str | None = None
     admin_token: str | None = field(default=None, repr=False)  # a secret: keep it out of logs
-    k: int = 20
-    alpha: int = 3
-    request_timeout: float = 5.0
-    connect_timeout: float = 5.0
+    k: int = params.DEFAULT_K
+    alpha: int = params.DEFAULT_ALPHA
+    request_timeout: float = params.DEFAULT_REQUEST_TIMEOUT
+    connect_timeout: float = params.DEFAULT_CONNECT_TIMEOUT
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     serve: dict[str, str] = field(default_factory=dict)  # service name -> built-in handler kind
-    service_ttl: float = 300.0
+    service_ttl: float = params.DEFAULT_TTL
 
     def validate(self) -> NodeConfig:
         """Check every option; raise :class:`ConfigError` on the first bad one, else return self."""
@@ -177,19 +179,22 @@ class NodeConfig:
 
 
 # ---------------------------------------------------------------- validation
+def _rule(option: str, check, value):
+    """Apply a :mod:`~macula_lab.core.params` rule; its error names the flag and the variable."""
+    try:
+        return check(value, option)
+    except InvalidField as exc:
+        message = str(exc).removeprefix(f"{option}: ")
+        raise _error(option, message) from None
+
+
 def _check_name(cfg: NodeConfig) -> None:
     # the name also names certificate files, so keep it to one path component
-    if not isinstance(cfg.name, str) or not cfg.name.strip() or re.search(r"[\s/\\]", cfg.name):
-        raise _error("name", f"expected a non-empty name without spaces or slashes, got {cfg.name!r}")
+    _rule("name", params.check_node_name, cfg.name)
 
 
 def _check_realm(cfg: NodeConfig) -> None:
-    if not isinstance(cfg.realm, str) or not _REALM_RE.fullmatch(cfg.realm):
-        raise _error(
-            "realm",
-            f"expected a reverse-DNS name of dot-separated [A-Za-z0-9_-] segments "
-            f"(like {DEFAULT_REALM}), got {cfg.realm!r}",
-        )
+    _rule("realm", params.check_realm, cfg.realm)
 
 
 def _endpoint(option: str, text: object) -> Endpoint:
@@ -242,14 +247,10 @@ def _check_log_level(cfg: NodeConfig) -> None:
 
 
 def _check_numbers(cfg: NodeConfig) -> None:
-    for option in ("k", "alpha"):
-        value = getattr(cfg, option)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise _error(option, f"must be an integer >= 1, got {value!r}")
+    _rule("k", params.check_k, cfg.k)
+    _rule("alpha", params.check_alpha, cfg.alpha)
     for option in ("request_timeout", "connect_timeout"):
-        value = getattr(cfg, option)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-            raise _error(option, f"must be a number of seconds > 0, got {value!r}")
+        _rule(option, params.check_timeout, getattr(cfg, option))
     size = cfg.max_frame_size
     if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_FRAME_LIMIT:
         raise _error("max_frame_size", f"must be an integer of bytes in 1..{MAX_FRAME_LIMIT}, got {size!r}")
@@ -259,13 +260,10 @@ def _check_serve(cfg: NodeConfig) -> None:
     if not isinstance(cfg.serve, dict):
         raise _error("serve", f"expected name=kind pairs, got {cfg.serve!r}")
     for name, kind in cfg.serve.items():
-        if not isinstance(name, str) or not _SERVICE_NAME_RE.fullmatch(name) or len(name) > 255:
-            raise _error("serve", f"bad service name {name!r}: dot-separated segments of [A-Za-z0-9_-]")
+        _rule("serve", params.check_service_name, name)
         if kind not in BUILTINS:
             raise _error("serve", f"unknown handler kind {kind!r} for {name}; one of {', '.join(BUILTINS)}")
-    ttl = cfg.service_ttl
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
-        raise _error("service_ttl", f"must be a number of seconds > 0, got {ttl!r}")
+    _rule("service_ttl", params.check_ttl, cfg.service_ttl)
 
 
 _CHECKS: tuple[Callable[[NodeConfig], None], ...] = (

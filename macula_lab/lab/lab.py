@@ -36,8 +36,10 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
+from ..core import params
 from ..errors import MaculaError
 from ..runtime.inspection import SECTIONS
 from . import sync as _sync
@@ -47,7 +49,7 @@ from .views import open_view
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LAB_REALM = "com.test.lab"
+DEFAULT_LAB_REALM = params.DEFAULT_REALM
 INSPECT_TIMEOUT = 5.0
 
 
@@ -95,6 +97,8 @@ class Lab:
         self._host = host
         self._node_options = dict(node_options or {})
         self._nodes: dict[str, LabNode] = {}
+        #: attached clients of this lab's own nodes (attach_client), by name
+        self.clients: dict[str, AttachedNode] = {}
         self._counter = 0
         self.sample_interval = sample_interval
         self.snapshots: dict[str, dict[str, Any]] = {}
@@ -292,6 +296,32 @@ class Lab:
         node.services.trace_calls = True  # the views show each call as an event
         return handle
 
+    async def attach_client(self, via: str, *, name: str | None = None) -> AttachedNode:
+        """Connect an attached client to this lab's node ``via`` (on QUIC or the simulated network).
+
+        The client is what ``macula_lab.connect`` gives a process outside the
+        mesh: handlers it advertises run here and are published and relayed by
+        ``via``; its calls run on ``via``.  It is not one of ``lab.nodes`` (it
+        stores nothing and is not sampled); the lab closes it on :meth:`stop`.
+        """
+        from .client import connect
+
+        self._check_local("attach_client")
+        target = self.node(via)
+        target.require_running()
+        if name is None:
+            name = f"client-{len(self.clients) + 1}"
+        if name in self.clients or name in self._nodes:
+            raise LabError(f"a node or client named {name!r} is already in this lab")
+        if self.network is not None:
+            client = await connect(target.endpoint, realm=self.realm, name=name, network=self.network)
+        else:
+            ca = str(Path(self.certs_dir) / "ca.pem") if self.certs_dir else None
+            client = await connect(target.endpoint, realm=self.realm, name=name, ca=ca)
+        handle = AttachedNode(name, target.endpoint, client, self.token)
+        self.clients[name] = handle
+        return handle
+
     async def stop_node(self, name: str) -> None:
         """Stop a local node gracefully (it withdraws nothing from the DHT: records expire by TTL)."""
         node = self._local(name, "stop_node")
@@ -430,7 +460,7 @@ class Lab:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._sampler = None
-        closers = []
+        closers = [client.detach() for client in self.clients.values()]
         for handle in self._nodes.values():
             if isinstance(handle, LocalNode):
                 closers.append(handle.node.stop())

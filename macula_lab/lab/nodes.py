@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..core.params import DEFAULT_CALL_TIMEOUT, DEFAULT_TTL
 from ..errors import MaculaError
 from ..runtime.handlers import make_handler
 
@@ -55,7 +56,7 @@ class LabNode(ABC):
 
     @abstractmethod
     async def advertise(
-        self, service: str, handler: str | Callable[[Any], Any], *, ttl: float = 300, metadata=None
+        self, service: str, handler: str | Callable[[Any], Any], *, ttl: float = DEFAULT_TTL, metadata=None
     ) -> int:
         """Advertise ``service`` from this node; ``handler`` is a callable or a built-in name.
 
@@ -75,7 +76,7 @@ class LabNode(ABC):
         args: Any = None,
         *,
         strategy: str | None = None,
-        timeout: float = 5.0,
+        timeout: float = DEFAULT_CALL_TIMEOUT,
         max_attempts: int | None = None,
     ) -> CallResult:
         """Call ``service`` from this node; the :class:`~macula_lab.runtime.services.CallResult` (value, provider, latency)."""
@@ -83,7 +84,7 @@ class LabNode(ABC):
     @abstractmethod
     async def inspect(self, sections: Any = None, since: float = 0.0) -> dict[str, Any]: ...
 
-    def _check_running(self) -> None:
+    def require_running(self) -> None:
         if not self.running:
             raise NodeNotRunning(f"node {self.name} is not running")
 
@@ -108,29 +109,29 @@ class LocalNode(LabNode):
     def running(self) -> bool:
         return self.node.running
 
-    async def advertise(self, service, handler, *, ttl=300, metadata=None) -> int:
-        self._check_running()
+    async def advertise(self, service, handler, *, ttl=DEFAULT_TTL, metadata=None) -> int:
+        self.require_running()
         ad = await self.node.advertise(
             service, resolve_handler(handler, self.name), ttl=ttl, metadata=metadata
         )
         return ad.replicas
 
     async def unadvertise(self, service: str) -> int:
-        self._check_running()
+        self.require_running()
         return await self.node.unadvertise(service)
 
     async def discover(self, service: str, *, refresh: bool = False):
-        self._check_running()
+        self.require_running()
         return await self.node.discover(service, refresh=refresh)
 
-    async def call(self, service, args=None, *, strategy=None, timeout=5.0, max_attempts=None):
-        self._check_running()
+    async def call(self, service, args=None, *, strategy=None, timeout=DEFAULT_CALL_TIMEOUT, max_attempts=None):
+        self.require_running()
         return await self.node.call(
             service, args, strategy=strategy, timeout=timeout, max_attempts=max_attempts, details=True
         )
 
     async def inspect(self, sections: Any = None, since: float = 0.0) -> dict[str, Any]:
-        self._check_running()
+        self.require_running()
         return self.node.inspector.snapshot(sections, since)
 
 
@@ -152,28 +153,28 @@ class AttachedNode(LabNode):
     def running(self) -> bool:
         return not self._closed and self.client.running
 
-    async def advertise(self, service, handler, *, ttl=300, metadata=None) -> int:
-        self._check_running()
+    async def advertise(self, service, handler, *, ttl=DEFAULT_TTL, metadata=None) -> int:
+        self.require_running()
         return await self.client.advertise(
             service, resolve_handler(handler, self.name), ttl=ttl, metadata=metadata
         )
 
     async def unadvertise(self, service: str) -> int:
-        self._check_running()
+        self.require_running()
         return await self.client.unadvertise(service)
 
     async def discover(self, service: str, *, refresh: bool = False):
-        self._check_running()
+        self.require_running()
         return await self.client.discover(service, refresh=refresh)
 
-    async def call(self, service, args=None, *, strategy=None, timeout=5.0, max_attempts=None):
-        self._check_running()
+    async def call(self, service, args=None, *, strategy=None, timeout=DEFAULT_CALL_TIMEOUT, max_attempts=None):
+        self.require_running()
         return await self.client.call(
             service, args, strategy=strategy, timeout=timeout, max_attempts=max_attempts, details=True
         )
 
     async def inspect(self, sections: Any = None, since: float = 0.0) -> dict[str, Any]:
-        self._check_running()
+        self.require_running()
         return await self.client.inspect(self.token or "", sections, since)
 
     async def detach(self, timeout: float = 5.0) -> None:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..core.schedule import READVERTISE_FRACTION
+from ..core.params import READVERTISE_FRACTION
 from ..errors import MaculaError
 from .progress import Progress
 

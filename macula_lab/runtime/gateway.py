@@ -59,7 +59,7 @@ class ClientGateway:
             raise ServiceOwnedElsewhere(f"{name} is already relayed here for another client")
         metadata = {"client": peer.name or peer.short_id, **body["metadata"]}
         ad = await self.services.advertise(
-            name, self._relay(name, peer.node_id), ttl=float(body["ttl"]), metadata=metadata
+            name, self._relay(name, peer.node_id), ttl=body["ttl"], metadata=metadata
         )
         self._owner[name] = peer.node_id
         self.clients.setdefault(peer.node_id, set()).add(name)
@@ -83,7 +83,7 @@ class ClientGateway:
         result = await self.services.call(
             b["service"],
             b["args"],
-            timeout=float(b["timeout"]),
+            timeout=b["timeout"],
             strategy=b.get("strategy"),
             max_attempts=b.get("max_attempts"),
             details=True,

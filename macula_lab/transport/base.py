@@ -41,6 +41,7 @@ __all__ = [
     "RequestHandler",
     "Transport",
     "answer",
+    "error_for",
     "error_reply",
     "raise_for_error",
     "run_handler",
@@ -168,12 +169,17 @@ async def _finish(awaitable: Awaitable[Reply], frame: Frame, peer: PeerInfo) -> 
 
 def _failure(exc: Exception, frame: Frame, peer: PeerInfo) -> Reply:
     if isinstance(exc, MaculaError):
-        mtype, body = error_reply(exc.code, str(exc), getattr(exc, "details", None))
+        mtype, body = error_for(exc)
     else:  # a handler bug must not take the node down
         log.error("handler for %s from %s failed", frame.type.name, peer.short_id, exc_info=exc)
         mtype, body = error_reply("internal_error", f"{type(exc).__name__}: {exc}")
     body["id"] = frame.body["id"]
     return mtype, body
+
+
+def error_for(exc: MaculaError) -> Reply:
+    """The ERROR reply naming ``exc`` (its code, message and details, such as the invalid field)."""
+    return error_reply(exc.code, str(exc), getattr(exc, "details", None))
 
 
 def error_reply(code: str, message: str, details: dict | None = None) -> Reply:

@@ -84,6 +84,7 @@ from .base import (
     RequestHandler,
     Transport,
     answer,
+    error_for,
     error_reply,
     raise_for_error,
 )
@@ -673,7 +674,7 @@ class MemoryTransport(Transport):
                     "%s: undecodable frame from %s dropped: %s", self._endpoint, conn.client.name, item
                 )
             elif not (ours and _settle_reply(conn.reverse_pending, item, "")):
-                mtype, body = error_reply(item.code, str(item))
+                mtype, body = error_for(item)
                 body["id"] = rid
                 self._reply(conn, mtype, body, reverse=True)
             return True
@@ -695,7 +696,7 @@ class MemoryTransport(Transport):
         try:
             peer, mtype, body = accept_connect(self.identity, frame)
         except MaculaError as exc:  # e.g. an unsupported protocol version
-            mtype, body = error_reply(exc.code, str(exc))
+            mtype, body = error_for(exc)
             body["id"] = frame.id
         else:
             if mtype is MessageType.CONNECT_ACK:
@@ -818,7 +819,8 @@ def _notice_to_client(dst: str, conn: _Conn, reason: str) -> bool:
 
 def _notice_to_server(dst: str, conn: _Conn, reason: str) -> bool:
     server = conn.server
-    if server is not None and server._accepted.pop(conn, None) is not None:
+    if server is not None and conn in server._accepted:
+        del server._accepted[conn]
         _fail(conn.reverse_pending, f"{conn.client.name} closed the connection ({reason})")
         if server.on_session_closed is not None and conn.client_peer is not None and not server._closed:
             server.on_session_closed(conn.client_peer)

@@ -80,6 +80,7 @@ from .base import (
     RequestHandler,
     Transport,
     answer,
+    error_for,
     error_reply,
     raise_for_error,
 )
@@ -367,7 +368,7 @@ class MaculaProtocol(QuicConnectionProtocol):
             self.owner.counters["bad_frames"] += 1
             log.warning("bad frame from %s: %s", self._peer_label(), item)
             self._send(
-                stream_id, st, *error_reply(item.code, str(item)), rid=getattr(item, "request_id", None)
+                stream_id, st, *error_for(item), rid=getattr(item, "request_id", None)
             )
             return
         if item.type in REPLY_TYPES:
@@ -393,7 +394,7 @@ class MaculaProtocol(QuicConnectionProtocol):
             try:
                 peer, mtype, body = accept_connect(self.owner.identity, frame)
             except CodecError as exc:
-                self._send(stream_id, st, *error_reply(exc.code, str(exc)), rid=rid)
+                self._send(stream_id, st, *error_for(exc), rid=rid)
                 return
             if mtype is MessageType.CONNECT_ACK:
                 self.peer = peer
@@ -466,7 +467,7 @@ class MaculaProtocol(QuicConnectionProtocol):
         log.warning("abandoning stream %d from %s: %s", stream_id, self._peer_label(), exc)
         st.dead = True
         st.peer_ended = True
-        self._send(stream_id, st, *error_reply(exc.code, str(exc)), rid=rid)
+        self._send(stream_id, st, *error_for(exc), rid=rid)
         try:
             self._quic.stop_stream(stream_id, APP_ERR_BAD_FRAME)
         except ValueError:

@@ -45,7 +45,8 @@ class AdvertisePanel(LabView):
         names = lab.names
         self.node = w.Dropdown(options=names, value=names[0] if names else None, description="node")
         self.service = w.Text(value=service, description="service", continuous_update=False)
-        self.ttl = w.BoundedFloatText(value=ttl, min=1.0, max=86400.0, step=10.0, description="TTL (s)")
+        # a plain FloatText: a bounded one would clamp a bad TTL silently; the engine refuses it by name
+        self.ttl = w.FloatText(value=ttl, step=10.0, description="TTL (s)")
         self.handler = w.Dropdown(options=list(BUILTINS), value=handler, description="handler")
         self.metadata = w.Text(value="", placeholder='{"zone": "a"} (optional JSON)', description="metadata")
         self.advertise_button = w.Button(description="advertise", button_style="primary", icon="bullhorn")

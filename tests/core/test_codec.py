@@ -47,7 +47,25 @@ values = st.recursive(
 )
 
 
-def field_strategy(f: Field):
+# fields with a value rule (core/params.py) get values that follow it; the rules
+# themselves are tested in tests/core/test_params.py
+RULED = {
+    "ttl": st.floats(1.0, 86400.0),
+    "timeout": st.floats(0.001, 3600.0),
+    "since": st.floats(0.0, 1e10),
+    "max_attempts": st.integers(1, 100),
+    "service": st.from_regex(r"[a-z0-9_-]{1,8}(\.[a-z0-9_-]{1,8}){0,3}", fullmatch=True),
+    "realm": st.from_regex(r"[a-z]{1,8}(\.[a-z0-9]{1,8}){0,3}", fullmatch=True),
+    "name": st.from_regex(r"[a-z0-9][a-z0-9._-]{0,20}", fullmatch=True) | st.just(""),
+    "endpoint": st.sampled_from(["", "quic://node-1.lab:9443", "quic://10.0.0.5:9443", "mem://node-2"]),
+    "strategy": st.sampled_from(["random", "round_robin", "first", "local_first", "least_loaded"]),
+    "metadata": st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8), max_size=4),
+}
+
+
+def field_strategy(f: Field, name: str = ""):
+    if f.check is not None:
+        return RULED[name]
     if f.types is None:
         return values
     t = f.types[0]
@@ -72,7 +90,7 @@ def messages(draw):
     body = {}
     for name, f in SCHEMAS[mtype].items():
         if f.required or draw(st.booleans()):
-            body[name] = draw(field_strategy(f))
+            body[name] = draw(field_strategy(f, name))
     return mtype, body
 
 

@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from macula_lab.core.ids import int_to_id, random_id, service_key, xor_distance
-from macula_lab.core.records import MAX_TTL, ProviderEntry, RecordStore, keys_to_hand_over
+from macula_lab.core.params import MAX_TTL
+from macula_lab.core.records import ProviderEntry, RecordStore, keys_to_hand_over
 from macula_lab.core.routing import Contact, RoutingTable
 from macula_lab.errors import InvalidField
 
@@ -30,9 +31,16 @@ def test_wire_round_trip():
     assert ProviderEntry.from_wire(e.to_wire()) == e
 
 
-def test_from_wire_caps_ttl_and_defaults_metadata():
-    e = ProviderEntry.from_wire({"node_id": P1, "endpoint": "e", "ttl": 10**9, "seq": 0})
+def test_from_wire_refuses_a_ttl_above_a_day_and_defaults_metadata():
+    """Never clamped: a clamped record would lapse before its provider republished it."""
+    e = ProviderEntry.from_wire({"node_id": P1, "endpoint": "quic://e:1", "ttl": MAX_TTL, "seq": 0})
     assert e.ttl == MAX_TTL and e.metadata == {}
+    for ttl in (MAX_TTL + 1, 10**9, 0, -5, float("nan"), float("inf")):
+        with pytest.raises(InvalidField) as err:
+            ProviderEntry.from_wire({"node_id": P1, "endpoint": "quic://e:1", "ttl": ttl, "seq": 0})
+        assert err.value.field == "ttl"
+    # a handover carries what is left of the record's life: less than a second is fine
+    assert ProviderEntry.from_wire({"node_id": P1, "endpoint": "quic://e:1", "ttl": 0.25, "seq": 0}).ttl == 0.25
 
 
 @pytest.mark.parametrize(
@@ -43,7 +51,8 @@ def test_from_wire_caps_ttl_and_defaults_metadata():
         ({"endpoint": 5}, "endpoint"),
         ({"endpoint": "x" * 1000}, "endpoint"),
         ({"metadata": []}, "metadata"),
-        ({"metadata": {1: "a"}}, "metadata keys"),
+        ({"metadata": {1: "a"}}, "metadata: keys"),
+        ({"endpoint": "quic://" + "a" * 64 + ".lab:9443"}, "endpoint"),
         ({"metadata": {"blob": b"x" * 10_000}}, "bytes, more than"),
         ({"ttl": 0}, "ttl"),
         ({"ttl": -5}, "ttl"),
@@ -132,11 +141,13 @@ def test_equal_seq_keeps_content_and_extends_expiry_only():
     assert store.get(KEY, 60.0)[0].expires_at == 150.0
 
 
-def test_ttl_is_capped_on_store():
-    store = RecordStore(max_ttl=60)
-    store.store(KEY, entry(ttl=10_000), 0.0)
-    (e,) = store.get(KEY, 0.0)
-    assert e.expires_at == 60.0 and e.ttl == 60
+def test_store_refuses_a_ttl_above_a_day_and_keeps_what_it_had():
+    store = RecordStore()
+    store.store(KEY, entry(seq=1, ttl=100), 0.0)
+    with pytest.raises(InvalidField):
+        store.store(KEY, entry(seq=2, ttl=MAX_TTL * 2), 1.0)
+    (e,) = store.get(KEY, 1.0)
+    assert e.seq == 1 and e.expires_at == 100.0
 
 
 # ---------------------------------------------------------------- expiry

@@ -4,12 +4,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from macula_lab.core.schedule import (
-    LATENESS_WINDOW,
-    READVERTISE_FRACTION,
-    ReadvertiseTimer,
-    readvertise_interval,
-)
+from macula_lab.core.params import MAX_TTL, MIN_TTL, READVERTISE_FRACTION
+from macula_lab.core.schedule import LATENESS_WINDOW, ReadvertiseTimer, readvertise_interval
+from macula_lab.errors import InvalidField
 
 
 # -------------------------------------------------------------- interval
@@ -18,13 +15,19 @@ def test_interval(ttl, interval):
     assert readvertise_interval(ttl) == pytest.approx(interval)
 
 
-@pytest.mark.parametrize("ttl", [0, -1, -0.5, math.inf, -math.inf, math.nan, True, "300", None])
+@pytest.mark.parametrize(
+    "ttl", [0, -1, -0.5, 0.5, MAX_TTL + 1, 2 * MAX_TTL, math.inf, -math.inf, math.nan, True, "300", None]
+)
 def test_interval_refuses_bad_ttl(ttl):
-    with pytest.raises(ValueError):
+    """Below the 1 s floor or above a day: refused, never clamped (a clamped record lapsed
+    before its provider republished it: 172,800 s was republished every 138,240 s but stored
+    for 86,400 s)."""
+    with pytest.raises(InvalidField) as err:
         readvertise_interval(ttl)
+    assert err.value.field == "ttl"
 
 
-@given(st.floats(min_value=1e-3, max_value=1e7))
+@given(st.floats(min_value=MIN_TTL, max_value=MAX_TTL))
 def test_interval_always_before_expiry(ttl):
     interval = readvertise_interval(ttl)
     assert 0 < interval < ttl

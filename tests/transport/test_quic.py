@@ -9,13 +9,8 @@ import ssl
 
 import msgpack
 import pytest
-from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
 
-from macula_lab.core.codec import HEADER, FrameDecoder, encode
-from macula_lab.core.endpoint import parse_endpoint
+from macula_lab.core.codec import HEADER, encode
 from macula_lab.core.messages import MessageType, new_id
 from macula_lab.errors import (
     CertificateError,
@@ -31,6 +26,8 @@ from macula_lab.runtime.node import Node
 from macula_lab.transport.quic import TlsConfig
 
 from ..conftest import other_tasks, tls_for
+from ..hostile import connect_frame as _connect_frame
+from ..hostile import raw_connect
 
 
 async def test_request_reply_between_two_nodes(nodes):
@@ -392,55 +389,6 @@ async def test_keepalive_drops_dead_peer(nodes):
 
 
 # --------------------------------------------------------- hostile raw peer
-class RawClient(QuicConnectionProtocol):
-    """A bare aioquic client that sends whatever bytes we like on a stream."""
-
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
-        self.replies: dict[int, bytearray] = {}
-        self.ended: dict[int, asyncio.Event] = {}
-
-    def quic_event_received(self, event):
-        if isinstance(event, events.StreamDataReceived):
-            self.replies.setdefault(event.stream_id, bytearray()).extend(event.data)
-            if event.end_stream:
-                self.ended.setdefault(event.stream_id, asyncio.Event()).set()
-        elif isinstance(event, events.StreamReset | events.ConnectionTerminated):
-            for ev in self.ended.values():
-                ev.set()
-
-    async def exchange(self, data: bytes, *, end: bool = True, wait: float = 2.0) -> list:
-        sid = self._quic.get_next_available_stream_id()
-        ev = self.ended.setdefault(sid, asyncio.Event())
-        self._quic.send_stream_data(sid, data, end_stream=end)
-        self.transmit()
-        try:
-            await asyncio.wait_for(ev.wait(), wait)
-        except TimeoutError:
-            pass
-        dec = FrameDecoder()
-        return dec.feed(bytes(self.replies.get(sid, b"")))
-
-
-async def raw_connect(endpoint: str, certs) -> RawClient:
-    ep = parse_endpoint(endpoint)
-    config = QuicConfiguration(is_client=True, alpn_protocols=["macula"], server_name=ep.host)
-    config.load_verify_locations(cafile=str(certs["raw"].ca))
-    loop = asyncio.get_running_loop()
-    quic = QuicConnection(configuration=config)
-    _, proto = await loop.create_datagram_endpoint(lambda: RawClient(quic), remote_addr=(ep.host, ep.port))
-    proto.connect((ep.host, ep.port))
-    await asyncio.wait_for(proto.wait_connected(), 5)
-    return proto
-
-
-def _connect_frame(node_realm: str) -> bytes:
-    return encode(
-        MessageType.CONNECT,
-        {"id": new_id(), "version": 1, "node_id": b"\7" * 32, "realm": node_realm, "capabilities": []},
-    )
-
-
 async def test_garbage_truncated_and_oversized_frames_get_errors_and_node_keeps_serving(nodes, certs):
     victim = await nodes("node-1", max_frame_size=4096)
     bystander = await nodes("node-2")
