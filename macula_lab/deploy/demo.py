@@ -1,4 +1,4 @@
-"""``macula-lab demo``: the seed's local multi-node scenario, end to end, in real processes.
+"""``macula-lab demo``: the testing guide's local multi-node scenario, end to end, in real processes.
 
 Starts three ``macula-lab node`` processes on loopback (real QUIC, TLS verified
 against a fresh lab CA); node-2 and node-3 join the DHT through node-1.  This

@@ -1,4 +1,4 @@
-"""Time series of the seed's "Performance Metrics to Collect", as one tidy table.
+"""Time series of the testing guide's "Performance Metrics to Collect", as one tidy table.
 
 The lab samples every node's inspection snapshot (``metrics`` and ``providers``
 sections) on a timer and appends rows ``(time, node, metric, value, label)``:

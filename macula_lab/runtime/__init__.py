@@ -1,7 +1,7 @@
 """The node runtime: one mesh node on an asyncio loop, and the parts it is built from.
 
-:mod:`.node` composes them; each part talks to the others only through the small
-interfaces of :mod:`.host`:
+:mod:`.node` composes them; each part gets the :mod:`.host` and talks to the
+others only through the small interfaces of :mod:`.interfaces`:
 
 - :mod:`.host`: the node's request router, procedures and tasks over its transport;
 - :mod:`.dht`: Kademlia lookups, replication, expiry and handover;

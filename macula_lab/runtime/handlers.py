@@ -1,9 +1,9 @@
-"""Built-in service handlers: what the seed's procedures advertise, ready to use.
+"""Built-in service handlers: what the testing guide's procedures advertise, ready to use.
 
 Widgets offer them by name, ``macula-lab node --serve math.add=calculator``
 advertises them from a node process, and procedures use them so every
 deployment option runs the same handlers.  Each factory takes the name of the
-node serving it, because the seed's expected reply names the provider:
+node serving it, because the guide's expected reply names the provider:
 ``{"result": 15, "node": "node-1"}``.
 
     handler = make_handler("calculator", "node-1")
