@@ -155,6 +155,12 @@ class HandlerError(MaculaError):
         self.details = details or {}
 
 
+class QuotaExceeded(MaculaError):
+    """A peer asked for more than its share (advertisements, records, connections): refused."""
+
+    code = "quota_exceeded"
+
+
 class ServiceUnavailable(MaculaError):
     """This provider cannot serve the call right now (the caller fails over to another)."""
 

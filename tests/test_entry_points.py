@@ -21,7 +21,7 @@ from macula_lab.errors import InvalidField
 from macula_lab.transport.certs import lab_certs
 from macula_lab.widgets import AdvertisePanel
 
-from .hostile import connect_frame, raw_connect, raw_frame
+from .rawpeer import connect_frame, raw_connect, raw_frame
 from .widgets.test_base import until
 
 REALM = "com.test.entry"

@@ -15,17 +15,25 @@ replaced the whole value (last provider wins) and never enforced the TTL; here:
   24 h (:data:`~.params.MAX_TTL`) is refused, never clamped: a peer cannot pin
   an entry forever, and a provider never sees its record lapse before it
   republishes.
+* **Authority.**  ``store`` is told who sent the entry (``source``, the
+  authenticated session peer; None for this node itself).  The provider's own
+  STORE (source equal to the provider) is authoritative: it replaces a copy
+  whatever the copy's seq.  A *copy* from another node (replication, handover)
+  only fills a gap: it is stored when this node holds nothing live for that
+  provider, and may later only extend the very same advertisement (same seq
+  and content); it never replaces an entry, so no peer can lock a provider out
+  with a huge seq or repoint its record.  The driver honours REMOVE only from
+  the provider itself.
 * **Removal.**  :meth:`RecordStore.remove` leaves a tombstone holding the removed
   entry's seq until that entry would have expired, so a replica that missed the
   REMOVE cannot resurrect it by handing it over again; a fresh advertisement
-  (higher seq) is accepted at once.  The store does not authenticate: the
-  driver should honour a REMOVE only from the provider itself (session peer id
-  equal to the provider id) or from a node handing over the provider's request.
-* **Limits** (a peer must not exhaust memory): at most ``max_keys`` keys and
-  ``max_providers`` providers per key.  When full, expired entries are purged
-  first; if still full the STORE is refused (``store`` returns False, counted in
-  :meth:`stats`).  Refusing rather than evicting keeps established providers
-  stable: a flood of new entries cannot push out live ones.
+  (higher seq) is accepted at once.
+* **Limits** (a peer must not exhaust memory): at most ``max_keys`` keys,
+  ``max_providers`` providers per key and ``max_per_source`` entries stored by
+  any one peer.  When full, expired entries are purged first; then a provider's
+  own STORE may evict a copy (from the peer holding the most), but nothing
+  evicts a provider's own entry: a flood cannot push out live providers, and
+  cannot keep a genuine new provider out.  Refusals are counted in :meth:`stats`.
 
 Handing over: when a node learns of a new node, :func:`keys_to_hand_over` names
 the keys the newcomer is now responsible for, and the driver STOREs them with
@@ -51,6 +59,7 @@ if TYPE_CHECKING:
 MAX_SEQ = (1 << 64) - 1
 DEFAULT_MAX_KEYS = 10_000
 DEFAULT_MAX_PROVIDERS = 100
+DEFAULT_MAX_PER_SOURCE = 1_000  # entries one peer can make a node hold (its own and its copies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +72,13 @@ class ProviderEntry:
     ttl: float = DEFAULT_TTL
     seq: int = 0
     expires_at: float | None = None  # set by the storing node
+    #: who stored it here (set by the storing node): the provider itself, or the peer that copied it
+    source: bytes | None = field(default=None, compare=False)
+
+    @property
+    def by_owner(self) -> bool:
+        """Stored by the provider itself (or not stored: an advertisement)."""
+        return self.source is None or self.source == self.node_id
 
     def to_wire(self, now: float | None = None) -> dict[str, Any]:
         """The STORE value.  With ``now`` (and an expiry), ttl is the remaining time."""
@@ -112,46 +128,67 @@ class _Tombstone:
 class RecordStore:
     """key (32 bytes) -> {provider node id -> ProviderEntry}, with expiry."""
 
-    def __init__(self, *, max_keys: int = DEFAULT_MAX_KEYS, max_providers: int = DEFAULT_MAX_PROVIDERS) -> None:
+    def __init__(
+        self,
+        *,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        max_providers: int = DEFAULT_MAX_PROVIDERS,
+        max_per_source: int = DEFAULT_MAX_PER_SOURCE,
+    ) -> None:
         self.max_keys = max_keys
         self.max_providers = max_providers
+        self.max_per_source = max_per_source
         self._data: dict[bytes, dict[bytes, ProviderEntry]] = {}
         self._tombstones: dict[tuple[bytes, bytes], _Tombstone] = {}
         # (expires_at, key, provider): lazy heap, stale items skipped when popped
         self._heap: list[tuple[float, bytes, bytes]] = []
+        self._per_source: dict[bytes, int] = {}  # who stored them -> entries held (None: this node)
         self._refused_stale = 0
         self._refused_full = 0
+        self._refused_not_owner = 0
+        self._refused_quota = 0
+        self._evicted_copies = 0
 
     # ------------------------------------------------------------- writes
-    def store(self, key: bytes, entry: ProviderEntry, now: float) -> bool:
-        """Merge ``entry`` under ``key``; True if it was accepted (see module doc)."""
+    def store(self, key: bytes, entry: ProviderEntry, now: float, *, source: bytes | None = None) -> bool:
+        """Merge ``entry`` under ``key``, sent by ``source`` (None: this node); True if accepted.
+
+        See the module docstring for who may change what.
+        """
         check_id(key, "key")
         if not 0 < entry.ttl <= MAX_TTL:  # entries are checked where they enter (from_wire, services)
             raise InvalidField(f"ttl must be in (0, {MAX_TTL:g}] seconds, got {entry.ttl!r}", field="ttl")
-        expires_at = now + entry.ttl
+        entry = replace(entry, expires_at=now + entry.ttl, source=None if source == entry.node_id else source)
+        owner = entry.by_owner
         providers = self._data.get(key)
         current = providers.get(entry.node_id) if providers else None
         if current is not None and current.live(now):
-            return self._merge(key, providers, current, entry, expires_at)
+            if owner and not current.by_owner:  # the provider itself overrides any copy
+                self._put(key, entry)
+                return True
+            if not owner and (entry.seq != current.seq or not _same_content(entry, current)):
+                self._refused_not_owner += 1  # a copy never changes an entry, whatever its seq
+                return False
+            return self._merge(key, current, entry)
         tomb = self._tombstones.get((key, entry.node_id))
         if tomb is not None and tomb.until > now and entry.seq <= tomb.seq:
             self._refused_stale += 1
             return False
-        if current is None and not self._has_room(key, now):
+        if self._per_source.get(entry.source, 0) >= self.max_per_source and entry.source is not None:
+            self._refused_quota += 1
+            return False
+        if current is None and not self._has_room(key, now, for_owner=owner):
             self._refused_full += 1
             return False
         self._tombstones.pop((key, entry.node_id), None)
-        self._put(key, replace(entry, expires_at=expires_at))
+        self._put(key, entry)
         return True
 
     def remove(self, key: bytes, provider_id: bytes, now: float | None = None) -> bool:
         """Delete one provider's entry; True if it was there (and live, given ``now``)."""
-        providers = self._data.get(key)
-        entry = providers.pop(provider_id, None) if providers else None
+        entry = self._drop(key, provider_id)
         if entry is None:
             return False
-        if not providers:
-            del self._data[key]
         if entry.expires_at is not None:
             self._tombstones[(key, provider_id)] = _Tombstone(entry.seq, entry.expires_at)
         return now is None or entry.live(now)
@@ -164,9 +201,7 @@ class RecordStore:
             entry = self._data.get(key, {}).get(provider)
             if entry is None or entry.expires_at != expires_at:
                 continue  # superseded by a later store or removed
-            del self._data[key][provider]
-            if not self._data[key]:
-                del self._data[key]
+            self._drop(key, provider)
             removed.append((key, provider))
         for pair in [p for p, t in self._tombstones.items() if t.until <= now]:
             del self._tombstones[pair]
@@ -210,6 +245,10 @@ class RecordStore:
             "tombstones": len(self._tombstones),
             "refused_stale": self._refused_stale,
             "refused_full": self._refused_full,
+            "refused_not_owner": self._refused_not_owner,
+            "refused_quota": self._refused_quota,
+            "evicted_copies": self._evicted_copies,
+            "sources": len(self._per_source),
         }
 
     def snapshot(self, now: float) -> list[dict[str, Any]]:
@@ -223,6 +262,7 @@ class RecordStore:
                 "seq": e.seq,
                 "ttl": e.ttl,
                 "remaining": e.remaining(now),
+                "by_owner": e.by_owner,
             }
             for key, providers in self._data.items()
             for e in providers.values()
@@ -230,41 +270,80 @@ class RecordStore:
         ]
 
     # ---------------------------------------------------------- internals
-    def _merge(
-        self,
-        key: bytes,
-        providers: dict[bytes, ProviderEntry],
-        current: ProviderEntry,
-        entry: ProviderEntry,
-        expires_at: float,
-    ) -> bool:
+    def _merge(self, key: bytes, current: ProviderEntry, entry: ProviderEntry) -> bool:
+        """The same provider again: a higher seq replaces, the same seq extends, a lower one is stale."""
         if entry.seq < current.seq:
             self._refused_stale += 1
             return False
         if entry.seq == current.seq:
-            if current.expires_at is not None and expires_at <= current.expires_at:
+            if current.expires_at is not None and entry.expires_at <= current.expires_at:
                 return True  # nothing new, already stored
-            self._put(key, replace(current, expires_at=expires_at))
+            self._put(key, replace(current, expires_at=entry.expires_at))
             return True
-        self._put(key, replace(entry, expires_at=expires_at))
+        self._put(key, entry)
         return True
 
     def _put(self, key: bytes, entry: ProviderEntry) -> None:
-        self._data.setdefault(key, {})[entry.node_id] = entry
+        providers = self._data.setdefault(key, {})
+        old = providers.get(entry.node_id)
+        if old is not None:
+            self._count(old.source, -1)
+        providers[entry.node_id] = entry
+        self._count(entry.source, +1)
         assert entry.expires_at is not None
         heapq.heappush(self._heap, (entry.expires_at, key, entry.node_id))
 
-    def _has_room(self, key: bytes, now: float) -> bool:
+    def _drop(self, key: bytes, provider: bytes) -> ProviderEntry | None:
         providers = self._data.get(key)
-        if providers is None:
-            if len(self._data) < self.max_keys:
-                return True
-            self.expire(now)
-            return len(self._data) < self.max_keys
-        if len(providers) < self.max_providers:
+        entry = providers.pop(provider, None) if providers else None
+        if entry is None:
+            return None
+        if not providers:
+            del self._data[key]
+        self._count(entry.source, -1)
+        return entry
+
+    def _count(self, source: bytes | None, delta: int) -> None:
+        if source is None:
+            return
+        n = self._per_source.get(source, 0) + delta
+        if n > 0:
+            self._per_source[source] = n
+        else:
+            self._per_source.pop(source, None)
+
+    def _has_room(self, key: bytes, now: float, *, for_owner: bool) -> bool:
+        providers = self._data.get(key)
+        full = len(self._data) >= self.max_keys if providers is None else len(providers) >= self.max_providers
+        if not full:
             return True
         self.expire(now)
-        return len(self._data.get(key, {})) < self.max_providers
+        providers = self._data.get(key)
+        full = len(self._data) >= self.max_keys if providers is None else len(providers) >= self.max_providers
+        if not full:
+            return True
+        # a provider's own STORE may take the place of a copy; nothing takes an owner's place
+        return for_owner and self._evict_copy(key if providers is not None else None)
+
+    def _evict_copy(self, key: bytes | None) -> bool:
+        """Drop one copy (under ``key``, or anywhere), from the peer that holds the most."""
+        rows = self._data.get(key, {}).values() if key is not None else (
+            e for providers in self._data.values() for e in providers.values()
+        )
+        copies = [e for e in rows if not e.by_owner]
+        if not copies:
+            return False
+        victim = max(copies, key=lambda e: (self._per_source.get(e.source, 0), -(e.expires_at or 0)))
+        for k, providers in self._data.items():
+            if providers.get(victim.node_id) is victim:
+                self._drop(k, victim.node_id)
+                self._evicted_copies += 1
+                return True
+        return False
+
+
+def _same_content(a: ProviderEntry, b: ProviderEntry) -> bool:
+    return a.endpoint == b.endpoint and a.metadata == b.metadata
 
 
 HANDOVER_SENDERS = 3

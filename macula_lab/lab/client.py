@@ -24,7 +24,8 @@ from ..core.messages import NODE_ID_SIZE, MessageType
 from ..core.params import DEFAULT_CALL_TIMEOUT, DEFAULT_TTL
 from ..core.records import ProviderEntry
 from ..core.session import Identity, PeerInfo
-from ..errors import InvalidField, MaculaError, PeerError
+from ..errors import InvalidField, MaculaError, PeerError, QuotaExceeded
+from ..runtime.gateway import ServiceOwnedElsewhere
 from ..runtime.host import Host, as_procedure
 from ..runtime.inspection import Unauthorized, check_sections
 from ..runtime.node import make_transport
@@ -118,9 +119,14 @@ class Client:
         if not callable(handler):
             raise TypeError("handler must be callable (args) -> result")
         self.host.procedure(name, as_procedure(handler))
-        reply = await self._ask(
-            MessageType.ADVERTISE, {"service": name, "ttl": ttl, "metadata": dict(metadata)}, timeout=30.0
-        )
+        try:
+            reply = await self._ask(
+                MessageType.ADVERTISE, {"service": name, "ttl": ttl, "metadata": dict(metadata)}, timeout=30.0
+            )
+        except BaseException:
+            if name not in self.advertised:  # refused: this process serves nothing new either
+                self.host.remove_procedure(name)
+            raise
         self.advertised[name] = ttl
         return reply.body["replicas"]
 
@@ -202,10 +208,9 @@ def _rebuild(exc: PeerError) -> MaculaError:
     """Turn an ERROR from the node back into the service error it stands for."""
     d = exc.details or {}
     code = exc.remote_code
-    if code == Unauthorized.code:
-        return Unauthorized(exc.remote_message)
-    if code == ServiceNotFound.code:
-        return ServiceNotFound(exc.remote_message)
+    simple = _BY_CODE.get(code)
+    if simple is not None:
+        return simple(exc.remote_message)
     if code == InvalidField.code:
         return InvalidField(exc.remote_message, field=d.get("field"))
     if code == RemoteError.code:
@@ -217,3 +222,9 @@ def _rebuild(exc: PeerError) -> MaculaError:
         err.args = (exc.remote_message,)  # the node's own wording (it names the reason)
         return err
     return exc
+
+
+#: errors that cross the wire with nothing but their message
+_BY_CODE: dict[str, type[MaculaError]] = {
+    cls.code: cls for cls in (Unauthorized, ServiceNotFound, ServiceOwnedElsewhere, QuotaExceeded)
+}

@@ -104,6 +104,9 @@ class Dht:
             "expired": 0,
             "handovers": 0,
             "bad_items": 0,
+            # failures of one contact that were not a network error (a bug or a hostile reply):
+            # that contact's failure, never the end of a lookup or a loop
+            "contact_errors": 0,
         }
         self._wake_sweeper = asyncio.Event()
         host.route(MessageType.FIND_NODE, self._on_find_node)
@@ -152,9 +155,16 @@ class Dht:
             async with asyncio.timeout(self.query_timeout):
                 await self.host.ping(oldest.endpoint)
             alive = True
-        except (MaculaError, OSError, TimeoutError):
+        except Exception as exc:  # whatever went wrong, it is that contact's failure
+            self._note_unexpected(oldest, exc)
             alive = False
         self.table.ping_result(oldest.node_id, alive, self.now())
+
+    def _note_unexpected(self, contact: Contact, exc: BaseException) -> None:
+        """Count (and log) a contact failure that was not a network error."""
+        if not isinstance(exc, MaculaError | OSError | TimeoutError):
+            self.counters["contact_errors"] += 1
+            log.debug("%s: contact %s failed: %s: %s", self.host.name, contact.name, type(exc).__name__, exc)
 
     def _hand_over(self, contact: Contact) -> None:
         keys = keys_to_hand_over(self.records.keys(), contact, self.table, self.k)
@@ -168,7 +178,8 @@ class Dht:
             for entry in self.records.get(key, now):
                 try:
                     await self._request(contact, MessageType.STORE, {"key": key, "value": entry.to_wire(now)})
-                except (MaculaError, OSError, TimeoutError) as exc:
+                except Exception as exc:  # the newcomer's failure: stop handing over to it
+                    self._note_unexpected(contact, exc)
                     log.debug("handover of %s to %s failed: %s", hex_short(key), contact.name, exc)
                     return
 
@@ -197,8 +208,11 @@ class Dht:
         return MessageType.FIND_VALUE_REPLY, body
 
     def _on_store(self, frame: Frame, peer: PeerInfo):
+        if not peer.endpoint:  # an attached client advertises through its node's gateway
+            raise NotAuthorized(f"{peer.name or peer.short_id} is not a node: STORE refused")
         entry = ProviderEntry.from_wire(frame.body["value"])  # InvalidField -> ERROR reply
-        ok = self.records.store(frame.body["key"], entry, self.now())
+        # the session peer is authenticated: its own entry is authoritative, another's is a copy
+        ok = self.records.store(frame.body["key"], entry, self.now(), source=peer.node_id)
         self.counters["stores_accepted" if ok else "stores_refused"] += 1
         if ok:
             self._wake_sweeper.set()
@@ -206,10 +220,9 @@ class Dht:
 
     def _on_remove(self, frame: Frame, peer: PeerInfo):
         key, provider = frame.body["key"], frame.body["provider"]
-        entries = {e.node_id: e for e in self.records.get(key, self.now())}
-        entry = entries.get(provider)
-        # only the provider itself, or the node it advertised through, may withdraw it
-        if entry is not None and peer.node_id != provider and entry.endpoint != peer.endpoint:
+        # only the provider itself may withdraw its entry (a node relaying for an attached
+        # client advertises as itself, so it is the provider)
+        if peer.node_id != provider:
             raise NotAuthorized(f"{peer.name or peer.short_id} may not remove provider {hex_short(provider)}")
         removed = self.records.remove(key, provider, self.now())
         self.counters["removes"] += int(removed)
@@ -236,6 +249,10 @@ class Dht:
             )
         except MaculaError:  # the session closed just now: let the slow path reconnect
             fut = None
+        except Exception as exc:  # this contact cannot even be asked: its failure, not the lookup's
+            self._note_unexpected(contact, exc)
+            self.table.failed(contact.node_id, self.now())
+            return None
         if fut is not None:
             return _Query(fut, contact, self.now(), direct=True)
         task = self.host.spawn(self._query(contact, mtype, body), name=f"{self.host.name}:query")
@@ -253,6 +270,7 @@ class Dht:
         try:
             reply = self._checked(q.contact, raise_for_error(q.fut.result()))
         except Exception as err:
+            self._note_unexpected(q.contact, err)
             self.table.failed(q.contact.node_id, self.now())
             return err if isinstance(err, MaculaError) else _QueryFailed(f"{type(err).__name__}: {err}")
         self.rtt.sample(self.now() - q.started)
@@ -272,9 +290,10 @@ class Dht:
         t0 = self.now()
         try:
             reply = await self._request(contact, mtype, body)
-        except (MaculaError, OSError) as exc:
+        except Exception as exc:  # whatever it is, it is this contact's failure
+            self._note_unexpected(contact, exc)
             self.table.failed(contact.node_id, self.now())
-            return exc if isinstance(exc, MaculaError) else _QueryFailed(str(exc))
+            return exc if isinstance(exc, MaculaError) else _QueryFailed(f"{type(exc).__name__}: {exc}")
         self.rtt.sample(self.now() - t0)
         return reply
 
@@ -472,7 +491,7 @@ class Dht:
             try:
                 async with asyncio.timeout(self.host.connect_timeout + 1):
                     peer = await self.host.connect(seed)
-            except (MaculaError, OSError, TimeoutError) as exc:
+            except Exception as exc:  # one seed's failure, whatever it is: try the next
                 log.warning("%s: bootstrap peer %s not reachable: %s", self.host.name, seed, exc)
                 continue
             self._observe(Contact(peer.node_id, seed, peer.name))
@@ -601,7 +620,10 @@ class Dht:
         while True:
             await asyncio.sleep(period)
             for index in self.table.buckets_needing_refresh(self.now(), self.refresh_interval):
-                await self.lookup(random_id_in_bucket(self.host.node_id, index), kind="refresh")
+                try:
+                    await self.lookup(random_id_in_bucket(self.host.node_id, index), kind="refresh")
+                except Exception:  # a refresh that failed is retried next period; the loop goes on
+                    log.exception("%s: refreshing bucket %d failed", self.host.name, index)
 
     # ------------------------------------------------------ observability
     def snapshot(self) -> dict[str, Any]:

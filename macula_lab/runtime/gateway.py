@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.messages import Frame, MessageType
 from ..core.session import PeerInfo
-from ..errors import HandlerError, MaculaError, PeerError, ServiceUnavailable, TransportError
+from ..errors import HandlerError, MaculaError, PeerError, QuotaExceeded, ServiceUnavailable, TransportError
 
 if TYPE_CHECKING:
     from .host import Host
@@ -32,7 +32,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: services one attached client may advertise through a node
+MAX_ADS_PER_CLIENT = 32
+
+
 class ServiceOwnedElsewhere(MaculaError):
+    """The name is served here by the node itself or for another client: not yours to replace."""
+
     code = "service_owned_elsewhere"
 
 
@@ -57,6 +63,10 @@ class ClientGateway:
         owner = self._owner.get(name)
         if owner is not None and owner != peer.node_id:
             raise ServiceOwnedElsewhere(f"{name} is already relayed here for another client")
+        if owner is None and name in self.services.ads:
+            raise ServiceOwnedElsewhere(f"{name} is served by node {self.host.name} itself")
+        if owner is None and len(self.clients.get(peer.node_id, ())) >= MAX_ADS_PER_CLIENT:
+            raise QuotaExceeded(f"a client may advertise at most {MAX_ADS_PER_CLIENT} services through a node")
         metadata = {"client": peer.name or peer.short_id, **body["metadata"]}
         ad = await self.services.advertise(
             name, self._relay(name, peer.node_id), ttl=body["ttl"], metadata=metadata

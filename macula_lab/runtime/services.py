@@ -43,6 +43,7 @@ from ..core.records import ProviderEntry
 from ..core.schedule import ReadvertiseTimer
 from ..core.selection import ProviderStats, SelectionContext, Strategy, make_strategy
 from ..errors import (
+    ConnectFailed,
     HandlerError,
     MaculaError,
     PeerError,
@@ -347,9 +348,11 @@ class Services:
             ad.seq = self._next_seq()
             try:
                 await self._publish(ad, kind="readvertised")
-            except MaculaError as exc:  # keep the schedule: the next fire may succeed
+            except Exception as exc:  # whatever failed, keep the schedule: the next fire may succeed
                 ad.failures += 1
-                log.warning("%s: re-advertising %s failed: %s", self.host.name, ad.name, exc)
+                log.warning(
+                    "%s: re-advertising %s failed: %s: %s", self.host.name, ad.name, type(exc).__name__, exc
+                )
 
     def _timer_done(self, task: asyncio.Task) -> None:
         self._timers.pop(task, None)
@@ -539,6 +542,10 @@ class Services:
                     name, _label(provider), exc.details, exc.remote_message
                 ) from None
             raise  # no such procedure there, unavailable, busy...: the caller fails over
+        except MaculaError:
+            raise
+        except Exception as exc:  # anything else reaching this provider is its failure: fail over
+            raise ConnectFailed(f"{name} on {_label(provider)}: {type(exc).__name__}: {exc}") from exc
         return reply.body["result"]
 
     async def _invoke_local(self, name: str, args: Any, timeout: float) -> Any:

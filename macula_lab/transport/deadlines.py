@@ -24,6 +24,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import math
 from collections.abc import Callable, Hashable
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ class DeadlineQueue:
         return len(self._heap)
 
     def add(self, when: float, a: Hashable, b: Hashable) -> None:
+        # a NaN deadline would break the heap's order and silence every later deadline; an
+        # infinite one never fires: refuse both here too, whatever a caller let through
+        if not math.isfinite(when):
+            raise ValueError(f"a request deadline must be a finite loop time, got {when!r}")
         heapq.heappush(self._heap, (when, next(self._seq), a, b))
         if len(self._heap) >= self._compact_at:
             self._compact()

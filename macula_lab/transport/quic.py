@@ -229,8 +229,8 @@ class MaculaProtocol(QuicConnectionProtocol):
             stream_id = self.main_stream
         fut: asyncio.Future[Frame] = self._loop.create_future()
         self.last_used = now = self._loop.time()
+        self.owner.deadlines.add(now + timeout, self.serial, rid)  # first: it refuses a NaN timeout
         self._pending[rid] = _Waiting(fut, stream_id, mtype, timeout, now + timeout, notify)
-        self.owner.deadlines.add(now + timeout, self.serial, rid)
         try:
             self._quic.send_stream_data(stream_id, data, end_stream=per_request)
         except BaseException:

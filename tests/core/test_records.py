@@ -193,6 +193,7 @@ def test_snapshot_shows_remaining_ttl():
             "seq": 4,
             "ttl": 30,
             "remaining": 20.0,
+            "by_owner": True,
         }
     ]
 
@@ -261,7 +262,62 @@ def test_max_keys():
         "tombstones": 0,
         "refused_stale": 0,
         "refused_full": 1,
+        "refused_not_owner": 0,
+        "refused_quota": 0,
+        "evicted_copies": 0,
+        "sources": 0,
     }
+
+
+# -------------------------------------------------------------- authority
+P3 = bytes([0x33]) * 32  # another node, copying records it holds (handover)
+
+
+def test_a_copy_fills_a_gap_but_never_changes_an_entry():
+    store = RecordStore()
+    assert store.store(KEY, entry(P1, seq=5), 0.0)  # the provider's own STORE
+    # another node sending P1's entry with a higher seq: a lockout attempt, refused
+    assert store.store(KEY, entry(P1, seq=2**64 - 1, endpoint="quic://dead:1"), 1.0, source=P3) is False
+    # or repointing it with the same seq: refused too
+    assert store.store(KEY, entry(P1, seq=5, endpoint="quic://dead:1"), 1.0, source=P3) is False
+    # the very same advertisement copied again only extends it
+    assert store.store(KEY, entry(P1, seq=5, ttl=400), 1.0, source=P3) is True
+    (e,) = store.get(KEY, 1.0)
+    assert (e.seq, e.endpoint, e.by_owner, e.expires_at) == (5, "quic://h:1", True, 401.0)
+    assert store.stats()["refused_not_owner"] == 2
+
+
+def test_the_provider_overrides_a_copy_whatever_its_seq():
+    store = RecordStore()
+    forged = entry(P1, seq=2**64 - 1, endpoint="quic://dead:1")
+    assert store.store(KEY, forged, 0.0, source=P3) is True  # a gap: the copy is taken...
+    (e,) = store.get(KEY, 0.0)
+    assert not e.by_owner and e.source == P3
+    assert store.store(KEY, entry(P1, seq=7), 1.0, source=P1) is True  # ...until the provider speaks
+    (e,) = store.get(KEY, 1.0)
+    assert (e.seq, e.endpoint, e.by_owner) == (7, "quic://h:1", True)
+    assert store.stats()["sources"] == 0  # the copy's quota was given back
+
+
+def test_one_peer_can_make_a_node_hold_only_its_quota():
+    store = RecordStore(max_per_source=10)
+    keys = [service_key("r", f"s{i}") for i in range(50)]
+    accepted = sum(store.store(k, entry(bytes([i]) * 32), 0.0, source=P3) for i, k in enumerate(keys))
+    assert accepted == 10 and store.stats()["refused_quota"] == 40
+    assert store.store(keys[0], entry(P1), 0.0, source=P1)  # others are not affected
+
+
+def test_a_genuine_provider_gets_in_even_when_copies_fill_the_key():
+    store = RecordStore(max_providers=5)
+    for i in range(5):  # forged providers under one key
+        assert store.store(KEY, entry(bytes([0x40 + i]) * 32), 0.0, source=P3)
+    assert store.store(KEY, entry(bytes([0x50]) * 32), 0.0, source=P3) is False  # full for copies
+    assert store.store(KEY, entry(P1, seq=1), 0.0, source=P1) is True  # a copy makes room
+    assert P1 in {e.node_id for e in store.get(KEY, 0.0)} and store.stats()["evicted_copies"] == 1
+    # owners never make room for each other: the key is now full of what it holds
+    for i in range(5):
+        store.store(KEY, entry(bytes([0x60 + i]) * 32), 0.0, source=bytes([0x60 + i]) * 32)
+    assert len(store.get(KEY, 0.0)) == 5 and all(e.by_owner for e in store.get(KEY, 0.0))
 
 
 # -------------------------------------------------------------- handover

@@ -8,7 +8,8 @@ import pytest
 
 import macula_lab
 from macula_lab.deploy.procs import start_node_process
-from macula_lab.errors import CertificateError, PeerError, RealmMismatch
+from macula_lab.errors import CertificateError, RealmMismatch
+from macula_lab.runtime.gateway import ServiceOwnedElsewhere
 from macula_lab.runtime.services import AllProvidersFailed, RemoteError, ServiceNotFound
 
 REALM = "com.test.attach"
@@ -92,9 +93,9 @@ async def test_a_service_is_relayed_for_one_client_at_a_time(nodes, certs):
     c2 = await macula_lab.connect(n1.endpoint, realm=REALM, ca=ca)
     try:
         await c1.advertise("lab.one", lambda a: 1)
-        with pytest.raises(PeerError) as err:
+        with pytest.raises(ServiceOwnedElsewhere) as err:  # rebuilt by the client from the node's ERROR
             await c2.advertise("lab.one", lambda a: 2)
-        assert err.value.remote_code == "service_owned_elsewhere"
+        assert err.value.code == "service_owned_elsewhere"
         assert await c2.unadvertise("lab.one") == 0  # not c2's to withdraw
         assert await c2.call("lab.one") == 1
     finally:

@@ -26,8 +26,8 @@ from macula_lab.runtime.node import Node
 from macula_lab.transport.quic import TlsConfig
 
 from ..conftest import other_tasks, tls_for
-from ..hostile import connect_frame as _connect_frame
-from ..hostile import raw_connect
+from ..rawpeer import connect_frame as _connect_frame
+from ..rawpeer import raw_connect
 
 
 async def test_request_reply_between_two_nodes(nodes):

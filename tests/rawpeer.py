@@ -16,7 +16,7 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
-from macula_lab.core.codec import HEADER, FrameDecoder, encode
+from macula_lab.core.codec import HEADER, FrameDecoder
 from macula_lab.core.endpoint import parse_endpoint
 from macula_lab.core.messages import MessageType, new_id
 
@@ -74,5 +74,6 @@ def raw_frame(mtype: MessageType | int, body: Any) -> bytes:
 
 
 def connect_frame(realm: str, **extra: Any) -> bytes:
+    """A CONNECT (hand-built: ``extra`` may claim anything, valid or not)."""
     body = {"id": new_id(), "version": 1, "node_id": b"\7" * 32, "realm": realm, "capabilities": [], **extra}
-    return encode(MessageType.CONNECT, body)
+    return raw_frame(MessageType.CONNECT, body)
