@@ -109,6 +109,11 @@ def _run_node(args: argparse.Namespace) -> int:
         return 2
     _logging(config.log_level)
     logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic's per-packet chatter
+    if any(a == "--admin-token" or a.startswith("--admin-token=") for a in sys.argv[1:]):
+        log.warning(
+            "the admin token was given on the command line, where every local user can read it "
+            "in the process list: prefer MACULA_ADMIN_TOKEN or --admin-token-file"
+        )
     try:
         return asyncio.run(_serve(config))
     except MaculaError as exc:

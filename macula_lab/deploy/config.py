@@ -135,6 +135,7 @@ class NodeConfig:
     log_level: str = "INFO"
     node_id: str | None = None
     admin_token: str | None = field(default=None, repr=False)  # a secret: keep it out of logs
+    admin_token_file: str | None = None
     k: int = params.DEFAULT_K
     alpha: int = params.DEFAULT_ALPHA
     request_timeout: float = params.DEFAULT_REQUEST_TIMEOUT
@@ -359,7 +360,13 @@ _OPTIONS: dict[str, _Option] = {
     "health_listen": _Option(_text, "host:port of the HTTP health server, or 'off'", "HOST:PORT"),
     "log_level": _Option(_log_level, "DEBUG, INFO, WARNING, ERROR or CRITICAL", "LEVEL"),
     "node_id": _Option(_optional_text, "fixed node id, 64 hex characters (default: random)", "HEX"),
-    "admin_token": _Option(_optional_text, "token required by admin requests", "TOKEN"),
+    "admin_token": _Option(
+        _optional_text,
+        "token required by admin requests; prefer the variable or --admin-token-file "
+        "(a flag's value is visible in the process list)",
+        "TOKEN",
+    ),
+    "admin_token_file": _Option(_optional_text, "file holding the admin token (a mounted secret)", "FILE"),
     "k": _Option(_integer, "Kademlia bucket size and replication factor", "N"),
     "alpha": _Option(_integer, "Kademlia lookup parallelism", "N"),
     "request_timeout": _Option(_number, "seconds to wait for a reply", "SECONDS"),
@@ -397,11 +404,26 @@ def _resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> NodeConfig:
         except ValueError as exc:
             raise _error(option, f"bad value {raw!r} from {source}: {exc}") from None
     values.setdefault("name", _default_name(environ))
+    if values.get("admin_token_file"):
+        if values.get("admin_token"):
+            raise _error("admin_token_file", "give the admin token or a file holding it, not both")
+        values["admin_token"] = _read_secret("admin_token_file", values["admin_token_file"])
     config = NodeConfig(**values)
     certs_dir = cli.get("certs_dir") or environ.get(CERTS_DIR_ENV, "").strip()
     if certs_dir:
         _fill_from_certs_dir(config, certs_dir)
     return config
+
+
+def _read_secret(option: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            secret = fh.read().strip()
+    except OSError as exc:
+        raise _error(option, f"cannot read {path}: {exc.strerror or exc}") from None
+    if not secret:
+        raise _error(option, f"{path} is empty")
+    return secret
 
 
 def _fill_from_certs_dir(config: NodeConfig, certs_dir: str) -> None:

@@ -18,8 +18,11 @@ one, so a slowloris client dribbling a byte at a time is cut off too), an idle
 keep-alive connection is closed after ``idle_timeout``, request heads are capped
 by ``max_request_size`` (h11 answers 431) and bodies by ``max_body_size`` (413),
 malformed HTTP gets h11's status hint (400) and a close, writes have a deadline,
-at most ``max_connections`` are served at once (more are closed at once), and
-no exception escapes a connection handler.  ``stop()`` closes the listening
+at most ``max_connections`` are served at once, and no exception escapes a
+connection handler.  When all are taken, the connection idle the longest (one
+waiting for a request) is closed to make room, so sockets left open by a
+client cannot lock a kubelet's probe out; only when none is idle is the
+newcomer closed.  ``stop()`` closes the listening
 socket and every open connection and leaves no task behind.
 """
 
@@ -111,6 +114,8 @@ class HealthServer:
         self.max_connections = max_connections
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task] = set()
+        self._idle: dict[asyncio.Task, float] = {}  # handlers waiting for a request -> since when
+        self.evicted_idle = 0
         self._lock = asyncio.Lock()
         self._closing = False
 
@@ -171,8 +176,10 @@ class HealthServer:
     # ------------------------------------------------------------ connection
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        if len(self._handlers) >= self.max_connections and not self._closing:
+            self._evict_idle()
         if self._closing or task is None or len(self._handlers) >= self.max_connections:
-            # stopping, or a connection flood: a probe retries, so closing is the cheap answer
+            # stopping, or every connection is busy with a request: a probe retries
             writer.close()
             return
         self._handlers.add(task)
@@ -191,6 +198,16 @@ class HealthServer:
                 # a peer that never acknowledges the close must not pin the handler
                 async with asyncio.timeout(1.0):
                     await writer.wait_closed()
+
+    def _evict_idle(self) -> None:
+        """Close the connection that has waited longest for a request (it holds a slot for nothing)."""
+        if not self._idle:
+            return
+        oldest = min(self._idle, key=self._idle.__getitem__)
+        del self._idle[oldest]
+        self._handlers.discard(oldest)  # its slot is free now; its finally closes the socket
+        oldest.cancel()
+        self.evicted_idle += 1
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_request_size)
@@ -222,11 +239,15 @@ class HealthServer:
         """
         buffered, closed = conn.trailing_data  # a pipelined request may be waiting already
         if not buffered and not closed:
+            task = asyncio.current_task()
+            self._idle[task] = asyncio.get_running_loop().time()
             try:
                 async with asyncio.timeout(self.idle_timeout):
                     data = await reader.read(READ_CHUNK)
             except TimeoutError:
                 return None
+            finally:
+                self._idle.pop(task, None)
             conn.receive_data(data)
         async with asyncio.timeout(self.request_timeout):
             request = await self._next_event(conn, reader)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -37,6 +38,7 @@ from ..errors import MaculaError, PeerError
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "QuietLog",
     "Reply",
     "RequestHandler",
     "Transport",
@@ -134,6 +136,31 @@ class Transport(ABC):
 
     def stats(self) -> dict[str, Any]:
         return {}
+
+
+class QuietLog:
+    """Warnings about what peers send, at most one per ``interval`` seconds (the rest are counted).
+
+    A peer sending 5,000 bad frames must not write 5,000 log lines: the counters
+    in ``/metrics`` say how many; the log says that it happens, and how often.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0):
+        self.logger = logger
+        self.interval = interval
+        self._last = float("-inf")
+        self._suppressed = 0
+
+    def warning(self, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            msg += f" (and {self._suppressed} more like it in the last {now - self._last:.0f}s, not logged)"
+            self._suppressed = 0
+        self._last = now
+        self.logger.warning(msg, *args)
 
 
 def answer(handler: RequestHandler, frame: Frame, peer: PeerInfo) -> Reply | Awaitable[Reply]:

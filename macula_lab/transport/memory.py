@@ -80,6 +80,7 @@ from ..errors import (
     RequestTimeout,
 )
 from .base import (
+    QuietLog,
     Reply,
     RequestHandler,
     Transport,
@@ -389,6 +390,7 @@ class MemoryTransport(Transport):
         self._connecting: dict[str, tuple[_Conn, asyncio.Task[_Conn]]] = {}
         self._accepted: dict[_Conn, None] = {}  # incoming sessions (a dict: ordered, for determinism)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.peer_log = QuietLog(log)  # what peers send wrong: logged now and then
         self._n = {"requests_sent": 0, "request_errors": 0, "served": 0, "served_errors": 0, "handshakes": 0}
 
     # --------------------------------------------------------- interface
@@ -670,7 +672,7 @@ class MemoryTransport(Transport):
         if isinstance(item, CodecError):
             rid = getattr(item, "request_id", None)
             if rid is None:  # nothing to answer to; the requester will time out
-                log.warning(
+                self.peer_log.warning(
                     "%s: undecodable frame from %s dropped: %s", self._endpoint, conn.client.name, item
                 )
             elif not (ours and _settle_reply(conn.reverse_pending, item, "")):

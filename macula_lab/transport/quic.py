@@ -69,13 +69,16 @@ from ..errors import (
     ConnectFailed,
     ConnectionClosed,
     ConnectTimeout,
+    FrameTooLarge,
     MaculaError,
     NotStarted,
     RealmMismatch,
     RequestTimeout,
+    TruncatedFrame,
 )
 from . import aioquic_compat as compat
 from .base import (
+    QuietLog,
     Reply,
     RequestHandler,
     Transport,
@@ -107,6 +110,20 @@ _ZERO_ID = bytes(16)
 #: A request arriving after this long without one (an idle connection) gets its ACK
 #: in the reply's packet instead of a datagram of its own; see _ack_now()
 ACK_BATCH_WINDOW = 0.002
+
+# What one peer can make a node hold (see QuicTransport.admit and _housekeeping).
+#: incoming connections at once, and from one source address (the lab's in-process
+#: nodes all come from 127.0.0.1, so this is well above a lab's size)
+MAX_INCOMING = 2048
+MAX_INCOMING_PER_ADDRESS = 512
+#: sessions one authenticated node id may hold to us at once (a reconnect replaces the oldest)
+MAX_SESSIONS_PER_PEER = 4
+#: a connection that has not completed TLS and CONNECT after this long is closed
+SESSION_DEADLINE = 10.0
+#: bytes of unfinished frames one connection may make us buffer, and how long one may stay unfinished
+MAX_PARTIAL_BYTES = 2 * DEFAULT_MAX_FRAME_SIZE
+PARTIAL_FRAME_DEADLINE = 20.0
+HOUSEKEEPING_INTERVAL = 1.0
 # QUIC application error codes (stream resets / connection close)
 APP_ERR_BAD_FRAME = 0x1
 APP_ERR_REALM = 0x2
@@ -128,13 +145,14 @@ class TlsConfig:
 
 
 class _Stream:
-    __slots__ = ("decoder", "peer_ended", "inflight", "dead")
+    __slots__ = ("decoder", "peer_ended", "inflight", "dead", "partial_since")
 
     def __init__(self, max_frame_size: int):
         self.decoder = FrameDecoder(max_frame_size=max_frame_size)
         self.peer_ended = False
         self.inflight = 0
         self.dead = False
+        self.partial_since: float | None = None  # when an unfinished frame started to be buffered
 
 
 class _Waiting:
@@ -173,9 +191,12 @@ class MaculaProtocol(QuicConnectionProtocol):
         self.refused: MaculaError | None = None
         self.endpoint = ""  # outgoing: the endpoint we dialled
         self.verified_endpoint = ""  # incoming: the client's endpoint, vouched for by its certificate
-        self.last_used = self._loop.time()
+        self.last_used = self.opened_at = self._loop.time()
+        self.address = ""  # incoming: the source address (set by the first datagram)
+        self.session_ended = False  # incoming: the transport told its owner this session ended
         self.main_stream: int | None = None
         self._streams: dict[int, _Stream] = {}
+        self._partial_bytes = 0  # unfinished frames buffered over all streams
         # requests in flight by request id (their deadlines are in the transport's DeadlineQueue)
         self._pending: dict[bytes, _Waiting] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -316,19 +337,35 @@ class MaculaProtocol(QuicConnectionProtocol):
         elif isinstance(event, events.ConnectionTerminated):
             self._on_terminated(event)
 
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        if not self.outgoing and not self.address:  # a new incoming connection: admit it or not
+            self.address = str(addr[0])  # (after aioquic took the datagram: it knows where to answer)
+            self.owner.admit(self)
+
     def _on_data(self, stream_id: int, data: bytes, end: bool) -> None:
         st = self._streams.get(stream_id)
         if st is None:
             st = self._streams[stream_id] = _Stream(self.owner.max_frame_size)
         if st.dead:
             return
-        self.last_used = self._loop.time()
-        for item in st.decoder.feed(data) if data else ():
+        self.last_used = now = self._loop.time()
+        before = st.decoder.buffered
+        items = st.decoder.feed(data) if data else ()
+        self._track_partial(st, before, now)
+        if self._partial_bytes > MAX_PARTIAL_BYTES:  # a peer pinning our memory in unfinished frames
+            self._refuse_stream(
+                stream_id, st, FrameTooLarge(f"over {MAX_PARTIAL_BYTES} bytes of unfinished frames"), None
+            )
+            return
+        for item in items:
             if item is st.decoder.failed:  # framing lost: answer once, stop reading
                 self._refuse_stream(stream_id, st, item, None)
                 return
             self._on_item(stream_id, st, item)
         if end:
+            self._partial_bytes -= st.decoder.buffered  # finish() lets go of an unfinished tail
+            st.partial_since = None
             try:
                 st.decoder.finish()
             except CodecError as exc:
@@ -339,6 +376,28 @@ class MaculaProtocol(QuicConnectionProtocol):
                 # every reply to this stream has been written: close our side too
                 self._send_fin(stream_id)
             self._maybe_forget(stream_id, st)  # (only the end of the stream can make it forgettable)
+
+    def _track_partial(self, st: _Stream, before: int, now: float) -> None:
+        after = st.decoder.buffered
+        self._partial_bytes += after - before
+        if after and not before:
+            st.partial_since = now
+        elif not after:
+            st.partial_since = None
+
+    def overdue_partial(self, now: float) -> list[int]:
+        """Streams holding an unfinished frame for longer than PARTIAL_FRAME_DEADLINE."""
+        return [
+            sid
+            for sid, st in self._streams.items()
+            if st.partial_since is not None and not st.dead and now - st.partial_since > PARTIAL_FRAME_DEADLINE
+        ]
+
+    def drop_stream(self, stream_id: int, reason: str) -> None:
+        st = self._streams.get(stream_id)
+        if st is not None and not st.dead:
+            self._refuse_stream(stream_id, st, TruncatedFrame(reason), None)
+            self.transmit()
 
     def _ack_now(self) -> None:
         """Let the next packet we send carry the ACK of what we received (a reply, usually).
@@ -366,7 +425,7 @@ class MaculaProtocol(QuicConnectionProtocol):
     def _on_item(self, stream_id: int, st: _Stream, item: Frame | CodecError) -> None:
         if isinstance(item, CodecError):
             self.owner.counters["bad_frames"] += 1
-            log.warning("bad frame from %s: %s", self._peer_label(), item)
+            self.owner.peer_log.warning("bad frame from %s: %s", self._peer_label(), item)
             self._send(
                 stream_id, st, *error_for(item), rid=getattr(item, "request_id", None)
             )
@@ -391,6 +450,9 @@ class MaculaProtocol(QuicConnectionProtocol):
                     stream_id, st, *error_reply("unexpected", "CONNECT on an outgoing connection"), rid=rid
                 )
                 return
+            if self.peer is not None:  # one identity per connection: no switching after the fact
+                self._send(stream_id, st, *error_reply("already_connected", "this connection has a session"), rid=rid)
+                return
             try:
                 peer, mtype, body = accept_connect(self.owner.identity, frame)
             except CodecError as exc:
@@ -399,6 +461,7 @@ class MaculaProtocol(QuicConnectionProtocol):
             if mtype is MessageType.CONNECT_ACK:
                 self.peer = peer
                 self.refused = None
+                self.owner.admit_session(self, peer)
                 self.owner.authenticate_client(self, peer)
                 log.debug("session from %s (%s) at %s", peer.name, peer.short_id, peer.endpoint or "-")
             else:
@@ -406,7 +469,7 @@ class MaculaProtocol(QuicConnectionProtocol):
                     body["message"], ours=self.owner.identity.realm, theirs=peer.realm
                 )
                 self.owner.counters["refused_sessions"] += 1
-                log.warning("refused session from %s: %s", peer.name or peer.short_id, body["message"])
+                self.owner.peer_log.warning("refused session from %s: %s", peer.name or peer.short_id, body["message"])
             self._send(stream_id, st, mtype, body, rid=rid)
             return
         if self.peer is None:
@@ -464,9 +527,12 @@ class MaculaProtocol(QuicConnectionProtocol):
 
     def _refuse_stream(self, stream_id: int, st: _Stream, exc: CodecError, rid: bytes | None) -> None:
         self.owner.counters["bad_frames"] += 1
-        log.warning("abandoning stream %d from %s: %s", stream_id, self._peer_label(), exc)
+        self.owner.peer_log.warning("abandoning stream %d from %s: %s", stream_id, self._peer_label(), exc)
         st.dead = True
         st.peer_ended = True
+        self._partial_bytes -= st.decoder.buffered
+        st.decoder = FrameDecoder(max_frame_size=0)  # let go of what it held
+        st.partial_since = None
         self._send(stream_id, st, *error_for(exc), rid=rid)
         try:
             self._quic.stop_stream(stream_id, APP_ERR_BAD_FRAME)
@@ -479,7 +545,9 @@ class MaculaProtocol(QuicConnectionProtocol):
             self._streams.pop(stream_id, None)
 
     def _on_reset(self, stream_id: int) -> None:
-        self._streams.pop(stream_id, None)
+        st = self._streams.pop(stream_id, None)
+        if st is not None:
+            self._partial_bytes -= st.decoder.buffered
         for rid, w in list(self._pending.items()):
             if w.stream_id == stream_id:
                 del self._pending[rid]
@@ -542,6 +610,7 @@ class QuicTransport(Transport):
         pool_size: int = 256,
         idle_timeout: float = 120.0,
         keepalive_interval: float = 20.0,
+        retry: bool = True,
     ):
         if stream_mode not in STREAM_MODES:
             raise ValueError(f"stream_mode must be one of {STREAM_MODES}, got {stream_mode!r}")
@@ -554,13 +623,18 @@ class QuicTransport(Transport):
         self._listen = parse_endpoint(listen) if listen else None
         self._advertise = advertise
         self._server: QuicServer | None = None
+        #: QUIC Retry (address validation): a handshake from a spoofed address costs us nothing
+        self.retry = retry
         self._incoming: set[MaculaProtocol] = set()
+        self._per_address: dict[str, int] = {}  # incoming connections by source address
+        self._housekeeper: asyncio.Task | None = None
         # incoming sessions whose client proved, with a certificate of the lab CA valid for
         # its claimed endpoint's host, that it is the node listening there: requests to that
         # endpoint may use them instead of dialling a connection of our own
         self._verified_incoming: dict[str, MaculaProtocol] = {}
         self._ca_data: bytes | None = None
         self.handler: RequestHandler | None = None
+        self.peer_log = QuietLog(log)  # what peers send wrong: counted always, logged now and then
         self.counters = {
             "requests_sent": 0,
             "requests_served": 0,
@@ -568,6 +642,10 @@ class QuicTransport(Transport):
             "handshakes": 0,
             "refused_sessions": 0,
             "reused_incoming": 0,
+            "refused_connections": 0,  # admission: too many at once, or from one address
+            "evicted_connections": 0,  # sessionless ones closed to make room, or past their deadline
+            "replaced_sessions": 0,  # a peer's oldest session closed for its newest
+            "dropped_partial_frames": 0,
         }
         self.pool = ConnectionPool(
             self._connect,
@@ -610,10 +688,12 @@ class QuicTransport(Transport):
                 self._listen.port,
                 configuration=config,
                 create_protocol=lambda quic, stream_handler=None: self._incoming_protocol(quic),
+                retry=self.retry,
             )
             sock = compat.server_transport(self._server).get_extra_info("socket")
             port = sock.getsockname()[1]
             self.identity.endpoint = self._advertise or str(Endpoint("quic", self._public_host(), port))
+            self._housekeeper = asyncio.get_running_loop().create_task(self._housekeeping())
         self.pool.start()
         self._started = True
         self._closing = False
@@ -627,10 +707,17 @@ class QuicTransport(Transport):
             return socket.gethostname()
         return host
 
+    async def _stop_housekeeping(self) -> None:
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+            await asyncio.gather(self._housekeeper, return_exceptions=True)
+            self._housekeeper = None
+
     async def close(self) -> None:
         if not self._started:
             return
         self._closing = True
+        await self._stop_housekeeping()
         await self.pool.close_all()
         for proto in list(self._incoming):
             proto.abort("node stopping")
@@ -648,6 +735,7 @@ class QuicTransport(Transport):
         if not self._started:
             return
         self._closing = True
+        await self._stop_housekeeping()
 
         async def crash(proto: MaculaProtocol) -> None:
             proto.crash()
@@ -770,6 +858,74 @@ class QuicTransport(Transport):
             else:
                 config.verify_mode = ssl.CERT_NONE  # explicit insecure mode, warned about at construction
         return config
+
+    # ------------------------------------------------------------ admission
+    def admit(self, proto: MaculaProtocol) -> bool:
+        """A new incoming connection's first datagram: take it, or refuse it (False).
+
+        When the node holds MAX_INCOMING connections, or MAX_INCOMING_PER_ADDRESS
+        from that address, the oldest connection still without a session there
+        makes room (a flood of handshakes or silent connections never keeps
+        peers that complete their session out); if every one has a session, the
+        newcomer is refused.
+        """
+        address = proto.address
+        total = len(self._incoming) - 1  # (proto itself is already in the set)
+        here = self._per_address.get(address, 0)
+        if total >= MAX_INCOMING or here >= MAX_INCOMING_PER_ADDRESS:
+            within = None if total >= MAX_INCOMING else address
+            if not self._evict_sessionless(within, newcomer=proto):
+                self.counters["refused_connections"] += 1
+                self._incoming.discard(proto)
+                proto.close(error_code=QuicErrorCode.CONNECTION_REFUSED, reason_phrase="too many connections")
+                return False
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+        return True
+
+    def _evict_sessionless(self, address: str | None, *, newcomer: MaculaProtocol) -> bool:
+        """Close the oldest incoming connection without a session (from ``address``, or any)."""
+        candidates = [
+            p
+            for p in self._incoming
+            if p is not newcomer and p.peer is None and p.address and (address is None or p.address == address)
+        ]
+        if not candidates:
+            return False
+        oldest = min(candidates, key=lambda p: p.opened_at)
+        self.counters["evicted_connections"] += 1
+        oldest.abort("make room")
+        self.forget(oldest)
+        return True
+
+    def admit_session(self, proto: MaculaProtocol, peer: PeerInfo) -> None:
+        """A peer's CONNECT was accepted: it keeps at most MAX_SESSIONS_PER_PEER sessions (oldest go)."""
+        same = sorted(
+            (p for p in self._incoming if p is not proto and p.peer is not None and p.peer.node_id == peer.node_id),
+            key=lambda p: p.opened_at,
+        )
+        for old in same[: max(0, len(same) + 1 - MAX_SESSIONS_PER_PEER)]:
+            self.counters["replaced_sessions"] += 1
+            old.abort("replaced by a newer session of the same peer")
+            self.forget(old)
+
+    async def _housekeeping(self) -> None:
+        """Close connections past their session deadline; drop frames left unfinished too long."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            now = loop.time()
+            for proto in list(self._incoming):
+                try:
+                    if proto.peer is None and now - proto.opened_at > SESSION_DEADLINE:
+                        self.counters["evicted_connections"] += 1
+                        proto.abort("no session in time")
+                        self.forget(proto)
+                        continue
+                    for stream_id in proto.overdue_partial(now):
+                        self.counters["dropped_partial_frames"] += 1
+                        proto.drop_stream(stream_id, f"frame unfinished after {PARTIAL_FRAME_DEADLINE:g}s")
+                except Exception:  # one connection's trouble must not end the housekeeping
+                    log.exception("housekeeping of a connection failed")
 
     def _incoming_protocol(self, quic: QuicConnection) -> MaculaProtocol:
         proto = MaculaProtocol(quic, owner=self, outgoing=False)
@@ -907,10 +1063,22 @@ class QuicTransport(Transport):
             if udp is not None:
                 udp.close()
         else:
-            self._incoming.discard(proto)
+            if proto in self._incoming:
+                self._incoming.discard(proto)
+                if proto.address and (n := self._per_address.get(proto.address, 0)) > 0:
+                    if n == 1:
+                        del self._per_address[proto.address]
+                    else:
+                        self._per_address[proto.address] = n - 1
             self._drop_verified(proto)
-            if proto.peer is not None and self.on_session_closed is not None and not self._closing:
-                self.on_session_closed(proto.peer)
+            peer = proto.peer
+            if peer is not None and not proto.session_ended and self.on_session_closed is not None:
+                proto.session_ended = True
+                # the peer is gone only if no other session of it remains (a reconnect replaced this one)
+                if not self._closing and not any(
+                    p.peer is not None and p.peer.node_id == peer.node_id for p in self._incoming
+                ):
+                    self.on_session_closed(peer)
 
     async def _ping(self, proto: MaculaProtocol) -> None:
         await proto.request(MessageType.PING, {"id": new_id()}, timeout=self.request_timeout)

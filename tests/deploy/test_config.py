@@ -413,3 +413,20 @@ def test_serve_duplicate_with_same_kind_is_fine() -> None:
 
 def flag_of(option: str) -> str:
     return "--" + option.replace("_", "-")
+
+
+# ------------------------------------------------------------------ admin token from a file
+def test_admin_token_from_a_file_or_the_environment_never_needs_the_command_line(tmp_path) -> None:
+    secret = tmp_path / "admin-token"
+    secret.write_text("s3cret\n")
+    assert config_from_env({"MACULA_ADMIN_TOKEN_FILE": str(secret)}).admin_token == "s3cret"
+    assert config_from_env({"MACULA_ADMIN_TOKEN": "from-env"}).admin_token == "from-env"
+    with pytest.raises(ConfigError) as err:
+        config_from_env({"MACULA_ADMIN_TOKEN_FILE": str(tmp_path / "missing")})
+    assert err.value.option == "admin_token_file" and "cannot read" in str(err.value)
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        config_from_env({"MACULA_ADMIN_TOKEN_FILE": str(tmp_path / "empty")})
+    with pytest.raises(ConfigError, match="not both"):
+        config_from_env({"MACULA_ADMIN_TOKEN_FILE": str(secret), "MACULA_ADMIN_TOKEN": "x"})
+    assert "s3cret" not in repr(config_from_env({"MACULA_ADMIN_TOKEN_FILE": str(secret)}))

@@ -261,16 +261,48 @@ async def test_idle_keepalive_connection_is_closed_quietly(state: State, registr
         await writer.wait_closed()
 
 
-async def test_connections_beyond_the_limit_are_closed(state: State, registry) -> None:
+async def test_at_the_limit_the_longest_idle_connection_makes_room(state: State, registry) -> None:
     async with make_server(state, registry, max_connections=1) as srv:
         r1, w1 = await asyncio.open_connection("127.0.0.1", srv.port)
         w1.write(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert (await read_one_response(r1))[0] == 200  # first connection is being served
+        assert (await read_one_response(r1))[0] == 200  # served, now idle (keep-alive)
         r2, w2 = await asyncio.open_connection("127.0.0.1", srv.port)
-        assert await asyncio.wait_for(r2.read(), 5) == b""
+        w2.write(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_one_response(r2))[0] == 200  # the newcomer is served...
+        assert await asyncio.wait_for(r1.read(), 5) == b""  # ...in the idle one's place
+        assert srv.evicted_idle == 1
         for w in (w1, w2):
             w.close()
             await w.wait_closed()
+
+
+async def test_a_connection_busy_with_a_request_is_not_evicted(state: State, registry) -> None:
+    async with make_server(state, registry, max_connections=1, request_timeout=30) as srv:
+        r1, w1 = await asyncio.open_connection("127.0.0.1", srv.port)
+        w1.write(b"GET /live HTTP/1.1\r\n")  # a request under way (its head unfinished)
+        await asyncio.sleep(0.2)
+        r2, w2 = await asyncio.open_connection("127.0.0.1", srv.port)
+        assert await asyncio.wait_for(r2.read(), 5) == b""  # no idle slot: the newcomer is closed
+        w1.write(b"Host: x\r\n\r\n")
+        assert (await read_one_response(r1))[0] == 200  # and the busy one finishes
+        for w in (w1, w2):
+            w.close()
+            await w.wait_closed()
+
+
+async def test_idle_sockets_cannot_lock_a_probe_out(state: State, registry) -> None:
+    """Once, 64 idle TCP sockets made /health refuse a kubelet probe."""
+    async with make_server(state, registry, max_connections=64) as srv:
+        idle = [await asyncio.open_connection("127.0.0.1", srv.port) for _ in range(80)]
+        await asyncio.sleep(0.2)
+        for _ in range(3):  # probes keep getting answers
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+            writer.write(b"GET /live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert (await read_one_response(reader))[0] == 200
+            writer.close()
+            await writer.wait_closed()
+        for _, w in idle:
+            w.close()
 
 
 # ------------------------------------------------------------------ keep-alive and lifecycle
