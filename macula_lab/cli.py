@@ -57,6 +57,18 @@ def main(argv: list[str] | None = None) -> int:
         "--ca", default=os.environ.get("MACULA_CA"), help="lab CA certificate (env MACULA_CA)"
     )
     p_ping.add_argument(
+        "--cert",
+        default=os.environ.get("MACULA_CERT"),
+        help="client certificate of the lab CA: `macula-lab certs issue-client NAME` (env MACULA_CERT)",
+    )
+    p_ping.add_argument("--key", default=os.environ.get("MACULA_KEY"), help="its private key (env MACULA_KEY)")
+    p_ping.add_argument(
+        "--certs-dir",
+        default=None,
+        metavar="DIR",
+        help="use DIR/ca.pem, DIR/lab.pem and DIR/lab.key for whichever of --ca/--cert/--key is not set",
+    )
+    p_ping.add_argument(
         "--insecure", action="store_true", help="do not verify the node's certificate (loudly logged)"
     )
     p_ping.add_argument("--count", type=int, default=3)
@@ -167,15 +179,21 @@ async def _advertise_builtins(node, serve: dict[str, str], ttl: float, timeout: 
 
 
 async def _ping(args: argparse.Namespace) -> int:
+    from .lab.client import client_tls
     from .runtime.node import Node
-    from .transport.quic import TlsConfig
 
-    if not args.ca and not args.insecure:
-        print("error: give --ca (the lab CA certificate) or --insecure", file=sys.stderr)
+    try:
+        tls = client_tls(ca=args.ca, cert=args.cert, key=args.key, certs=args.certs_dir, insecure=args.insecure)
+    except MaculaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    node = Node(
-        name="macula-ping", realm=args.realm, listen=None, tls=TlsConfig(ca=args.ca, verify=not args.insecure)
-    )
+    if not args.insecure and not (tls.ca and tls.cert):
+        print(
+            "error: give the lab CA and a client certificate (--ca, --cert, --key, or --certs-dir), or --insecure",
+            file=sys.stderr,
+        )
+        return 2
+    node = Node(name="macula-ping", realm=args.realm, listen=None, tls=tls)
     await node.start()
     try:
         for i in range(args.count):

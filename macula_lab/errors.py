@@ -89,6 +89,18 @@ class CertificateError(ConnectFailed):
     code = "certificate_error"
 
 
+class Unauthenticated(CertificateError):
+    """The peer presented no certificate of the lab CA: nobody knows who it is, so no session."""
+
+    code = "unauthenticated"
+
+
+class IdentityMismatch(CertificateError):
+    """The peer claims an id or an endpoint its certificate does not bind."""
+
+    code = "identity_mismatch"
+
+
 class RequestTimeout(TransportError):
     """No reply arrived within the request timeout."""
 

@@ -26,7 +26,7 @@ import pytest
 
 from macula_lab.deploy.manifests import NodeSpec
 from macula_lab.deploy.procs import NodeProcess, wait_ready
-from macula_lab.transport.certs import ensure_ca, issue_node_cert
+from macula_lab.transport.certs import ensure_ca, issue_client_cert, issue_node_cert
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -74,6 +74,7 @@ async def start_on_loopback(specs: list[NodeSpec], certs_dir: Path) -> AsyncIter
     """Start every node of ``specs`` (dependencies first), yield ``name -> NodeProcess``; always stop them."""
     addresses = loopback_map(specs)
     ensure_ca(certs_dir)
+    issue_client_cert(certs_dir, "lab")  # who attaches: tests connect with certs=certs_dir
     procs: dict[str, NodeProcess] = {}
     mapped = []
     for spec in specs:

@@ -8,30 +8,42 @@ from collections.abc import AsyncIterator
 import pytest
 
 from macula_lab.runtime.node import Node
-from macula_lab.transport.certs import lab_certs
+from macula_lab.transport.certs import issue_client_cert, lab_certs
 from macula_lab.transport.quic import TlsConfig
 
 pytest_plugins = ["tests.fixtures_netns"]
 
-NAMES = [f"node-{i}" for i in range(1, 41)] + ["client", "raw"]
+NAMES = [f"node-{i}" for i in range(1, 41)] + ["raw"]
+
+
+def _make_certs(d) -> dict:
+    """Node certificates valid for 127.0.0.1 (where test nodes listen), and a client certificate."""
+    made = lab_certs(d, NAMES, ips=["127.0.0.1"])
+    made["client"] = issue_client_cert(d, "client")
+    made["client2"] = issue_client_cert(d, "client2")
+    return made
 
 
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory):
-    """One lab CA and a certificate per node name (EC P-256: fast to make)."""
-    d = tmp_path_factory.mktemp("certs")
-    return lab_certs(d, NAMES)
+    """One lab CA and a certificate per node name (EC P-256: fast to make), plus ``client``."""
+    return _make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture(scope="session")
 def foreign_certs(tmp_path_factory):
     """Certificates from another CA: peers must refuse them."""
-    d = tmp_path_factory.mktemp("foreign-certs")
-    return lab_certs(d, NAMES)
+    return _make_certs(tmp_path_factory.mktemp("foreign-certs"))
 
 
 def tls_for(certs, name: str, **kw) -> TlsConfig:
     return TlsConfig.from_node_cert(certs[name], **kw)
+
+
+def client_args(certs, name: str = "client") -> dict:
+    """``connect`` / ``Lab.attach`` keyword arguments for an attached client holding ``certs[name]``."""
+    c = certs[name]
+    return {"ca": str(c.ca), "cert": str(c.cert), "key": str(c.key)}
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ iproute2 every test using them is skipped with the reason.
 
     async def test_x(netns_mesh):                 # 3 nodes from docker/compose.yaml
         client = await macula_lab.connect(netns_mesh.endpoint("node-2"), realm=netns_mesh.realm,
-                                          ca=netns_mesh.ca)
+                                          certs=netns_mesh.certs)
 
     @pytest.mark.parametrize("netns_mesh", ["k3s"], indirect=True)
     async def test_y(netns_mesh): ...             # macula-0..2 from the StatefulSet

@@ -28,6 +28,11 @@ class RawClient(QuicConnectionProtocol):
         super().__init__(*args, **kw)
         self.replies: dict[int, bytearray] = {}
         self.ended: dict[int, asyncio.Event] = {}
+        self.node_id = b"\7" * 32  # the id its certificate binds (set by raw_connect)
+
+    def connect_frame(self, realm: str, **claims: Any) -> bytes:
+        """A CONNECT claiming this client's own id (and whatever ``claims`` add or override)."""
+        return connect_frame(realm, **{"node_id": self.node_id, **claims})
 
     def quic_event_received(self, event):
         if isinstance(event, events.StreamDataReceived):
@@ -52,8 +57,11 @@ class RawClient(QuicConnectionProtocol):
         return dec.feed(bytes(self.replies.get(sid, b"")))
 
 
-async def raw_connect(endpoint: str, certs, *, cert: str | None = None) -> RawClient:
-    """A QUIC connection to ``endpoint`` verified with the lab CA (``cert``: present that node's certificate)."""
+async def raw_connect(endpoint: str, certs, *, cert: str | None = "raw") -> RawClient:
+    """A QUIC connection to ``endpoint`` verified with the lab CA, presenting ``certs[cert]`` (None: no certificate).
+
+    ``raw.node_id`` is the id that certificate binds (what a CONNECT must claim).
+    """
     ep = parse_endpoint(endpoint)
     config = QuicConfiguration(is_client=True, alpn_protocols=["macula"], server_name=ep.host)
     config.load_verify_locations(cafile=str(certs["raw"].ca))
@@ -62,6 +70,7 @@ async def raw_connect(endpoint: str, certs, *, cert: str | None = None) -> RawCl
     loop = asyncio.get_running_loop()
     quic = QuicConnection(configuration=config)
     _, proto = await loop.create_datagram_endpoint(lambda: RawClient(quic), remote_addr=(ep.host, ep.port))
+    proto.node_id = certs[cert].node_id if cert is not None else b"\7" * 32
     proto.connect((ep.host, ep.port))
     await asyncio.wait_for(proto.wait_connected(), 5)
     return proto

@@ -15,6 +15,8 @@ from macula_lab.deploy.procs import NodeProcessError, start_node_process
 from macula_lab.runtime.node import Node
 from macula_lab.transport.quic import TlsConfig
 
+from .conftest import client_args
+
 REALM = "com.test.cli"
 
 
@@ -45,7 +47,7 @@ async def test_two_node_processes_talk_and_stop_gracefully(certs):
     d = certs["node-1"].ca.parent
     p1 = await start_node_process("node-1", _node_args(d))
     p2 = await start_node_process("node-2", [*_node_args(d), "--bootstrap", p1.endpoint])
-    client = Node(name="client", realm=REALM, listen=None, tls=TlsConfig(ca=str(certs["client"].ca)))
+    client = Node(name="client", realm=REALM, listen=None, tls=TlsConfig.from_node_cert(certs["client"]))
     try:
         await client.start()
         # a third process (this one) calls into both node processes
@@ -81,7 +83,7 @@ async def test_node_takes_its_configuration_from_the_environment(certs):
         "MACULA_LOG_LEVEL": "DEBUG",
     }
     p = await start_node_process("node-3", [], env=env)
-    client = Node(name="client", realm="com.test.env", listen=None, tls=TlsConfig(ca=str(d / "ca.pem")))
+    client = Node(name="client", realm="com.test.env", listen=None, tls=TlsConfig.from_node_cert(certs["client"]))
     try:
         await client.start()
         info = await client.call_procedure(p.endpoint, "macula.info")
@@ -110,12 +112,12 @@ async def test_ping_command(certs):
     p = await start_node_process("node-4", _node_args(d))
     try:
         r = await asyncio.to_thread(
-            _cli, "ping", p.endpoint, "--realm", REALM, "--ca", str(d / "ca.pem"), "--count", "2"
+            _cli, "ping", p.endpoint, "--realm", REALM, *_client_flags(certs), "--count", "2"
         )
         assert r.returncode == 0, r.stderr
         assert r.stdout.count("PONG from node-4") == 2
         r = await asyncio.to_thread(
-            _cli, "ping", p.endpoint, "--realm", "com.other", "--ca", str(d / "ca.pem")
+            _cli, "ping", p.endpoint, "--realm", "com.other", *_client_flags(certs)
         )
         assert r.returncode == 1 and "RealmMismatch" in r.stderr
         r = await asyncio.to_thread(_cli, "ping", p.endpoint, "--realm", REALM)
@@ -146,7 +148,7 @@ async def test_node_serves_builtin_handlers_from_the_environment(certs):
     p = await start_node_process("node-5", _node_args(d), env=env)
     try:
         assert any("services=math.add,who.am.i" in line for line in p.lines), p.log_text()
-        client = await macula_lab.connect(p.endpoint, realm=REALM, ca=str(d / "ca.pem"))
+        client = await macula_lab.connect(p.endpoint, realm=REALM, **client_args(certs))
         try:
             assert await client.call("math.add", {"operation": "add", "a": 10, "b": 5}) == {
                 "result": 15,
@@ -165,3 +167,8 @@ def test_unknown_serve_kind_stops_the_node_at_startup():
     r = _cli("node", "--name", "n", "--insecure", "--serve", "math.add=abacus", env={"MACULA_SERVE": ""})
     assert r.returncode == 2
     assert "unknown handler kind 'abacus'" in r.stderr and "MACULA_SERVE" in r.stderr
+
+
+def _client_flags(certs) -> list[str]:
+    c = certs["client"]
+    return ["--ca", str(c.ca), "--cert", str(c.cert), "--key", str(c.key)]

@@ -21,7 +21,7 @@ from macula_lab.errors import InvalidField
 from macula_lab.transport.certs import lab_certs
 from macula_lab.widgets import AdvertisePanel
 
-from .rawpeer import connect_frame, raw_connect, raw_frame
+from .rawpeer import raw_connect, raw_frame
 from .widgets.test_base import until
 
 REALM = "com.test.entry"
@@ -55,10 +55,10 @@ async def refused(attempt, field: str) -> None:
 
 async def wire_error(lab, mtype: MessageType, body: dict) -> dict:
     """Send a hand-built frame (our own encoder would refuse it) after a CONNECT; the node's ERROR body."""
-    certs = lab_certs(Path(lab.certs_dir), ["raw"])
+    certs = lab_certs(Path(lab.certs_dir), ["raw"], ips=["127.0.0.1"])
     raw = await raw_connect(lab.node("node-1").endpoint, certs)
     try:
-        [ack] = await raw.exchange(connect_frame(REALM))
+        [ack] = await raw.exchange(raw.connect_frame(REALM))
         assert ack.type is MessageType.CONNECT_ACK
         rid = new_id()
         [err] = await raw.exchange(raw_frame(mtype, {"id": rid, **body}))

@@ -29,8 +29,8 @@ replaced the whole value (last provider wins) and never enforced the TTL; here:
   REMOVE cannot resurrect it by handing it over again; a fresh advertisement
   (higher seq) is accepted at once.
 * **Limits** (a peer must not exhaust memory): at most ``max_keys`` keys,
-  ``max_providers`` providers per key and ``max_per_source`` entries stored by
-  any one peer.  When full, expired entries are purged first; then a provider's
+  ``max_providers`` providers per key, ``max_per_source`` entries stored by
+  any one peer and ``max_copies_per_key`` copies from one peer under one key.  When full, expired entries are purged first; then a provider's
   own STORE may evict a copy (from the peer holding the most), but nothing
   evicts a provider's own entry: a flood cannot push out live providers, and
   cannot keep a genuine new provider out.  Refusals are counted in :meth:`stats`.
@@ -60,6 +60,9 @@ MAX_SEQ = (1 << 64) - 1
 DEFAULT_MAX_KEYS = 10_000
 DEFAULT_MAX_PROVIDERS = 100
 DEFAULT_MAX_PER_SOURCE = 1_000  # entries one peer can make a node hold (its own and its copies)
+#: copies one peer may add under one key: a rogue certificate holder cannot fill a service's
+#: provider list with made-up providers (a handover of a busier key completes as providers republish)
+DEFAULT_MAX_COPIES_PER_KEY = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +137,12 @@ class RecordStore:
         max_keys: int = DEFAULT_MAX_KEYS,
         max_providers: int = DEFAULT_MAX_PROVIDERS,
         max_per_source: int = DEFAULT_MAX_PER_SOURCE,
+        max_copies_per_key: int = DEFAULT_MAX_COPIES_PER_KEY,
     ) -> None:
         self.max_keys = max_keys
         self.max_providers = max_providers
         self.max_per_source = max_per_source
+        self.max_copies_per_key = max_copies_per_key
         self._data: dict[bytes, dict[bytes, ProviderEntry]] = {}
         self._tombstones: dict[tuple[bytes, bytes], _Tombstone] = {}
         # (expires_at, key, provider): lazy heap, stale items skipped when popped
@@ -174,7 +179,13 @@ class RecordStore:
         if tomb is not None and tomb.until > now and entry.seq <= tomb.seq:
             self._refused_stale += 1
             return False
-        if self._per_source.get(entry.source, 0) >= self.max_per_source and entry.source is not None:
+        if entry.source is not None and (
+            self._per_source.get(entry.source, 0) >= self.max_per_source
+            or (
+                providers
+                and sum(1 for e in providers.values() if e.source == entry.source) >= self.max_copies_per_key
+            )
+        ):
             self._refused_quota += 1
             return False
         if current is None and not self._has_room(key, now, for_owner=owner):

@@ -110,8 +110,11 @@ def peer_from_ack(me: Identity, frame: Frame, endpoint: str) -> PeerInfo:
             raise RealmMismatch(
                 f"{endpoint} refused the session: {body['message']}", ours=me.realm, theirs=theirs
             )
-        from ..errors import PeerError
+        from ..errors import IdentityMismatch, PeerError, Unauthenticated
 
+        refusal = {Unauthenticated.code: Unauthenticated, IdentityMismatch.code: IdentityMismatch}.get(body["code"])
+        if refusal is not None:
+            raise refusal(f"{endpoint} refused the session: {body['message']}")
         raise PeerError(body["code"], body["message"], body.get("details"))
     if frame.type is not MessageType.CONNECT_ACK:
         raise InvalidField(f"expected CONNECT_ACK, got {frame.type.name}")

@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 
 from ..lab.client import Client, connect
-from ..transport.certs import lab_certs
+from ..transport.certs import issue_client_cert, lab_certs
 from .procs import NodeProcess, start_node_process
 
 REALM = "com.test.multinode"
@@ -61,8 +61,10 @@ async def run_demo(n: int = 3, keep: bool = False) -> int:
     clients: list[Client] = []
     t0 = time.perf_counter()
     print(f"=== macula-lab demo: multi-node DHT service discovery ({n} nodes, realm {REALM}) ===")
-    lab_certs(certs, names)
-    print(f"lab CA and node certificates in {certs}")
+    lab_certs(certs, names, ips=["127.0.0.1"])  # the nodes listen (and are dialled) on loopback
+    for client in ("provider-1", "consumer", "provider-3"):  # the three attached clients' identities
+        issue_client_cert(certs, client)
+    print(f"lab CA, node and client certificates in {certs}")
     try:
         for name in names:
             args = [
@@ -83,10 +85,12 @@ async def run_demo(n: int = 3, keep: bool = False) -> int:
         for p in procs[1:]:
             results.append(_say(p.contacts >= 1, f"{p.name} joined the DHT through {procs[0].name}"))
 
-        ca = str(certs / "ca.pem")
-        provider1 = await connect(procs[0].endpoint, realm=REALM, ca=ca, name="provider-1")
-        consumer = await connect(procs[1].endpoint, realm=REALM, ca=ca, name="consumer")
-        provider3 = await connect(procs[2].endpoint, realm=REALM, ca=ca, name="provider-3")
+        def creds(name: str) -> dict[str, str]:
+            return {"ca": str(certs / "ca.pem"), "cert": str(certs / f"{name}.pem"), "key": str(certs / f"{name}.key")}
+
+        provider1 = await connect(procs[0].endpoint, realm=REALM, name="provider-1", **creds("provider-1"))
+        consumer = await connect(procs[1].endpoint, realm=REALM, name="consumer", **creds("consumer"))
+        provider3 = await connect(procs[2].endpoint, realm=REALM, name="provider-3", **creds("provider-3"))
         clients += [provider1, consumer, provider3]
         print("attached clients to node-1 (provider), node-2 (consumer), node-3 (second provider)")
 

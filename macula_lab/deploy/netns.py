@@ -85,7 +85,8 @@ from typing import Any
 
 from ..core.endpoint import parse_endpoint
 from ..errors import MaculaError
-from ..transport.certs import ensure_ca, issue_node_cert
+from ..lab.client import CLIENT_CERT_NAME
+from ..transport.certs import ensure_ca, issue_client_cert, issue_node_cert
 from . import netns_ip
 from .config import ConfigError, config_from_env
 from .manifests import NodeSpec, compose_nodes, statefulset_nodes
@@ -224,9 +225,14 @@ class NetnsMesh:
     def health_url(self, name: str, path: str = "/health") -> str | None:
         return self.node(name).health_url(path)
 
+    @property
+    def certs(self) -> str:
+        """The certificate directory: ``ca.pem``, the nodes' certificates and the lab's client one (``lab.pem``)."""
+        return str(self._certs_dir)
+
     def attach_args(self) -> dict[str, Any]:
-        """Keyword arguments for ``Lab.attach``: urls, realm, ca, token."""
-        return {"urls": self.endpoints, "realm": self.realm, "ca": self.ca, "token": self.token}
+        """Keyword arguments for ``Lab.attach``: urls, realm, certs (CA and client certificate), token."""
+        return {"urls": self.endpoints, "realm": self.realm, "certs": self.certs, "token": self.token}
 
     def info(self) -> dict[str, Any]:
         """Everything a procedure needs, JSON-able (papermill parameters, ``up --json``)."""
@@ -236,6 +242,7 @@ class NetnsMesh:
             "subnet": self.subnet,
             "realm": self.realm,
             "ca": self.ca,
+            "certs": self.certs,
             "token": self.token,
             "endpoints": self.endpoints,
             "nodes": {
@@ -347,6 +354,7 @@ class NetnsMesh:
         hosts = [(address, spec.hostnames) for spec, address in planned]
         self._certs_dir.mkdir(parents=True, exist_ok=True)
         ensure_ca(self._certs_dir)
+        issue_client_cert(self._certs_dir, CLIENT_CERT_NAME)  # what a lab attaching from here holds
         for index, (spec, address) in enumerate(planned):
             mapped = spec.with_mounts({volume: str(self._certs_dir) for volume in spec.mounts.values()})
             mapped = replace(mapped, env={**mapped.env, **self.overrides})

@@ -39,6 +39,9 @@ from ..runtime.services import (
 )
 from ..transport.quic import TlsConfig
 
+#: in a certificate directory (``certs=``), the files an attached client uses
+CLIENT_CERT_NAME = "lab"
+
 
 async def connect(
     url: str,
@@ -46,6 +49,9 @@ async def connect(
     realm: str = params.DEFAULT_REALM,
     node_id: bytes | str | None = None,
     ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+    certs: str | os.PathLike | None = None,
     insecure: bool = False,
     name: str | None = None,
     timeout: float = 5.0,
@@ -54,18 +60,29 @@ async def connect(
 ) -> Client:
     """Attach to the node at ``url``; raises RealmMismatch, CertificateError, ConnectTimeout...
 
-    ``network``: attach over the simulated network (a
+    Nodes accept sessions only from holders of a certificate of their lab CA:
+    ``cert``/``key`` (a client certificate, ``macula-lab certs issue-client``)
+    and ``ca`` to verify the node, or ``certs=DIR`` for ``DIR/ca.pem``,
+    ``DIR/lab.pem`` and ``DIR/lab.key``.  The certificate binds the client's
+    id.  ``insecure=True`` verifies nothing (and a node accepts it only when it
+    runs insecure too).  ``network``: attach over the simulated network (a
     :class:`~macula_lab.transport.memory.MemoryNetwork`) instead of QUIC.
     """
     params.check_realm(realm)
     timeout = params.check_timeout(timeout)
+    tls = None if network is not None else client_tls(ca=ca, cert=cert, key=key, certs=certs, insecure=insecure)
+    bound = tls.bound_node_id() if tls is not None else None
+    if bound is not None:
+        if node_id is not None and params.check_node_id(node_id) != bound:
+            raise InvalidField("node_id: the client certificate binds another id", field="node_id")
+        node_id = bound
     node_id = os.urandom(NODE_ID_SIZE) if node_id is None else params.check_node_id(node_id)
     name = params.check_node_name(name) if name is not None else f"client-{node_id.hex()[:8]}"
     identity = Identity(node_id=node_id, realm=realm, name=name)
     transport = make_transport(
         identity,
         listen=None,
-        tls=None if network is not None else TlsConfig(ca=ca, verify=not insecure),
+        tls=tls,
         network=network,
         connect_timeout=timeout,
         request_timeout=timeout,
@@ -80,6 +97,22 @@ async def connect(
         await host.stop()
         raise
     return Client(url, host, peer)
+
+
+def client_tls(
+    *, ca: str | None, cert: str | None, key: str | None, certs: str | os.PathLike | None, insecure: bool
+) -> TlsConfig:
+    """The TLS files of an attached client (``certs=DIR``: ``ca.pem``, ``lab.pem``, ``lab.key`` there)."""
+    if certs is not None:
+        ca = ca or os.path.join(certs, "ca.pem")
+        cert = cert or os.path.join(certs, f"{CLIENT_CERT_NAME}.pem")
+        key = key or os.path.join(certs, f"{CLIENT_CERT_NAME}.key")
+    if bool(cert) != bool(key):
+        raise InvalidField("cert: a client certificate needs its key (cert= and key=)", field="cert")
+    for field, path in (("ca", ca), ("cert", cert), ("key", key)):
+        if path and not os.path.isfile(path):  # a missing local file is not worth a retry
+            raise InvalidField(f"{field}: no such file {path}", field=field)
+    return TlsConfig(cert=cert, key=key, ca=ca, verify=not insecure)
 
 
 class Client:

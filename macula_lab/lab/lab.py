@@ -36,12 +36,12 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 from ..core import params
 from ..errors import MaculaError
 from ..runtime.inspection import SECTIONS
+from ..transport.certs import issue_client_cert
 from . import sync as _sync
 from .metrics import MetricsRecorder
 from .nodes import AttachedNode, LabNode, LocalNode
@@ -183,6 +183,9 @@ class Lab:
         *,
         realm: str,
         ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        certs: str | None = None,
         token: str | None = None,
         insecure: bool = False,
         timeout: float = 5.0,
@@ -191,9 +194,13 @@ class Lab:
     ) -> Lab:
         """Attach to running nodes (``quic://host:port``, a list or a comma-separated string).
 
-        ``token`` is the nodes' admin token (``MACULA_ADMIN_TOKEN``): without it
-        the lab can advertise and call, but inspection (TTL watch, metrics,
-        topology) is refused with :class:`~macula_lab.runtime.inspection.Unauthorized`.
+        The lab is an attached client of each node: it needs a client certificate
+        of the nodes' lab CA (``cert``/``key``, and ``ca`` to verify them; or
+        ``certs=DIR`` holding ``ca.pem``, ``lab.pem`` and ``lab.key``; see
+        ``macula-lab certs issue-client``).  ``token`` is the nodes' admin token
+        (``MACULA_ADMIN_TOKEN``): without it the lab can advertise and call, but
+        inspection (TTL watch, metrics, topology) is refused with
+        :class:`~macula_lab.runtime.inspection.Unauthorized`.
         """
         from .client import connect
 
@@ -207,7 +214,15 @@ class Lab:
 
         async def one(i: int, url: str) -> AttachedNode:
             client = await connect(
-                url, realm=realm, ca=ca, insecure=insecure, timeout=timeout, name=f"{client_name}-{i}"
+                url,
+                realm=realm,
+                ca=ca,
+                cert=cert,
+                key=key,
+                certs=certs,
+                insecure=insecure,
+                timeout=timeout,
+                name=f"{client_name}-{i}",
             )
             return AttachedNode(client.peer.name or url, url, client, token)
 
@@ -316,8 +331,11 @@ class Lab:
         if self.network is not None:
             client = await connect(target.endpoint, realm=self.realm, name=name, network=self.network)
         else:
-            ca = str(Path(self.certs_dir) / "ca.pem") if self.certs_dir else None
-            client = await connect(target.endpoint, realm=self.realm, name=name, ca=ca)
+            # a client certificate from the lab's own CA: what a process outside the mesh holds
+            creds = issue_client_cert(self.certs_dir, name)
+            client = await connect(
+                target.endpoint, realm=self.realm, name=name, ca=str(creds.ca), cert=str(creds.cert), key=str(creds.key)
+            )
         handle = AttachedNode(name, target.endpoint, client, self.token)
         self.clients[name] = handle
         return handle

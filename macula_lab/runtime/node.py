@@ -77,7 +77,15 @@ class Node:
         debug: bool = False,
         transport_options: dict[str, Any] | None = None,
     ):
-        node_id = os.urandom(NODE_ID_SIZE) if node_id is None else params.check_node_id(node_id)
+        node_id = None if node_id is None else params.check_node_id(node_id)
+        bound = tls.bound_node_id() if tls is not None and tls.cert else None
+        if bound is not None:  # the certificate says who this node is
+            if node_id is not None and node_id != bound:
+                raise InvalidField(
+                    f"node_id: the certificate binds {bound.hex()[:12]}, not {node_id.hex()[:12]}", field="node_id"
+                )
+            node_id = bound
+        node_id = node_id or os.urandom(NODE_ID_SIZE)
         name = params.check_node_name(name) if name is not None else f"node-{node_id.hex()[:8]}"
         params.check_realm(realm)
         request_timeout = params.check_timeout(request_timeout, "request_timeout")
@@ -442,7 +450,7 @@ def make_transport(
     from ..transport.quic import QuicTransport, TlsConfig
 
     if tls is None and certs is not None:
-        tls = _issue_node_tls(Path(certs), identity.name, listen, advertise)
+        tls = _issue_node_tls(Path(certs), identity, listen, advertise)
     return QuicTransport(
         identity,
         listen=listen,
@@ -459,10 +467,18 @@ def _echo(args: Any, peer: PeerInfo) -> Any:
     return args
 
 
-def _issue_node_tls(directory: Path, name: str, listen: str | None, advertise: str | None) -> Any:
-    """Make sure a lab CA exists in ``directory`` and issue this node's certificate."""
-    from ..transport.certs import ensure_ca, issue_node_cert
+def _issue_node_tls(directory: Path, identity: Identity, listen: str | None, advertise: str | None) -> Any:
+    """Make sure a lab CA exists in ``directory`` and issue this node's certificate (or a client's).
+
+    A node's certificate binds its id and names the hosts it listens and
+    advertises on; a pure client (no ``listen``) gets a client certificate.
+    """
+    from ..transport.certs import ensure_ca, issue_client_cert, issue_node_cert
     from ..transport.quic import TlsConfig
+
+    ensure_ca(directory)
+    if listen is None:
+        return TlsConfig.from_node_cert(issue_client_cert(directory, identity.name, node_id=identity.node_id))
 
     dns: list[str] = []
     ips: list[str] = []
@@ -473,8 +489,8 @@ def _issue_node_tls(directory: Path, name: str, listen: str | None, advertise: s
         if ep.host in ("0.0.0.0", "::"):
             continue
         (ips if ep.is_ip else dns).append(ep.host)
-    ensure_ca(directory)
-    return TlsConfig.from_node_cert(issue_node_cert(directory, name, dns=dns, ips=ips))
+    cert = issue_node_cert(directory, identity.name, dns=dns, ips=ips, node_id=identity.node_id)
+    return TlsConfig.from_node_cert(cert)
 
 
 def _max_rss_bytes() -> int:

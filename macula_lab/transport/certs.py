@@ -3,13 +3,20 @@
 One directory holds everything::
 
     D/ca.pem   D/ca.key          the lab CA (key mode 0600)
-    D/<name>.pem  D/<name>.key   one certificate per node (key mode 0600)
+    D/<name>.pem  D/<name>.key   one certificate per node or attached client (key mode 0600)
 
 Keys are EC P-256 (fast to generate, so tests can mint certs freely) and
-signatures SHA-256.  Node certificates carry the extensions OpenSSL and
-``service_identity`` need for aioquic's ``verify_certificate`` to accept them:
-SANs (names *and* IP literals, since the lab mostly dials ``127.0.0.1``),
-BasicConstraints, KeyUsage, ExtendedKeyUsage and both key identifiers.
+signatures SHA-256.  Every certificate binds an **identity**: the node id, in
+a SAN of type otherName (:data:`NODE_ID_OID`, an OCTET STRING of 32 bytes,
+which host-name checks ignore; :func:`cert_node_id` reads it back).
+A session's CONNECT must claim exactly that id.  Node certificates also name
+the hosts the node may claim as its endpoint (DNS and IP SANs, checked by
+``service_identity`` like any TLS server name) and are usable as server and
+client; a **client** certificate (an attached client: a notebook, a script)
+names no host, so its holder can never pose as a node listening somewhere.
+Nothing is named by default beyond the node's own name: a certificate valid for
+``localhost`` would let its holder claim a loopback endpoint on any machine,
+so ask for it (``--dns localhost --ip 127.0.0.1``) where a lab needs it.
 
 The same functions back the ``macula-lab certs`` subcommand (:func:`certs_cli`).
 """
@@ -38,13 +45,20 @@ from ..errors import MaculaError
 __all__ = [
     "CertsError",
     "NodeCert",
+    "cert_node_id",
     "certs_cli",
     "create_ca",
     "describe",
     "ensure_ca",
+    "issue_client_cert",
     "issue_node_cert",
     "lab_certs",
+    "load_cert",
 ]
+
+#: the otherName SAN type that binds a certificate to a node id (a UUID-based OID, X.667:
+#: no registry needed, and no name or address check misreads it)
+NODE_ID_OID = x509.ObjectIdentifier("2.25.300926610800880970047851027260796971112")
 
 CA_CERT_NAME = "ca.pem"
 CA_KEY_NAME = "ca.key"
@@ -68,11 +82,12 @@ class CertsError(MaculaError):
 
 @dataclass(frozen=True)
 class NodeCert:
-    """Paths of one node's certificate, its private key and the CA that signed it."""
+    """Paths of one certificate, its private key and the CA that signed it; the node id it binds."""
 
     cert: Path
     key: Path
     ca: Path
+    node_id: bytes = b""
 
 
 # ----------------------------------------------------------------- validation
@@ -261,11 +276,18 @@ def _node_certificate(
     dns: list[str],
     ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address],
     days: int,
+    node_id: bytes,
+    *,
+    server: bool = True,
 ) -> x509.Certificate:
     not_before, not_after = _validity(days, ca_cert.not_valid_after_utc)
     public = key.public_key()
-    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    sans: list[x509.GeneralName] = [x509.OtherName(NODE_ID_OID, b"\x04\x20" + node_id)]  # DER OCTET STRING
+    sans += [x509.DNSName(d) for d in dns]
     sans += [x509.IPAddress(ip) for ip in ips]
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH] if server else [
+        ExtendedKeyUsageOID.CLIENT_AUTH
+    ]
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     return (
         x509.CertificateBuilder()
@@ -291,11 +313,8 @@ def _node_certificate(
             ),
             critical=True,
         )
-        # nodes are both QUIC servers and clients of each other
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
+        # nodes are both QUIC servers and clients of each other; attached clients only clients
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
@@ -348,6 +367,19 @@ def ensure_ca(directory: str | os.PathLike) -> tuple[Path, Path]:
     return create_ca(directory)
 
 
+def _check_node_id(node_id: bytes | str | None) -> bytes:
+    if node_id is None:
+        return os.urandom(32)
+    if isinstance(node_id, str):
+        try:
+            node_id = bytes.fromhex(node_id)
+        except ValueError:
+            raise CertsError(f"node id must be 64 hex characters, got {node_id!r}") from None
+    if not isinstance(node_id, bytes | bytearray) or len(node_id) != 32:
+        raise CertsError("node id must be 32 bytes (64 hex characters)")
+    return bytes(node_id)
+
+
 def issue_node_cert(
     directory: str | os.PathLike,
     name: str,
@@ -356,34 +388,81 @@ def issue_node_cert(
     ips: Iterable[str] = (),
     days: int = 825,
     overwrite: bool = True,
+    node_id: bytes | str | None = None,
 ) -> NodeCert:
-    """Issue ``D/<name>.pem`` + ``D/<name>.key`` signed by the lab CA in ``D``.
+    """Issue ``D/<name>.pem`` + ``D/<name>.key`` for a node, signed by the lab CA in ``D``.
 
-    SANs always include ``localhost``, ``127.0.0.1``, ``::1`` and ``name``
-    itself (as a DNS name, or as an IP address when it is one), so local labs
-    verify out of the box.
+    The certificate binds ``node_id`` (random unless given) and names ``name``
+    itself (as a DNS name, or as an IP address when it is one) plus ``dns`` and
+    ``ips``: the hosts this node may claim as its endpoint.
     """
     _check_name(name)
     _check_days(days)
     extra_dns = _check_dns(dns)
     extra_ips = _check_ips(ips)
+    node_id = _check_node_id(node_id)
     ca_cert, ca_key, ca_path = _load_ca(directory)
+    cert_path, key_path = _leaf_paths(directory, name, overwrite)
+    dns_names = _unique(([name] if _is_dns_name(name) else []) + extra_dns)
+    own_ip = [ipaddress.ip_address(name)] if _is_ip(name) else []  # a node named by its address
+    ip_addrs = _unique(own_ip + extra_ips)
+    key = _new_key()
+    cert = _node_certificate(name, key, ca_cert, ca_key, dns_names, ip_addrs, days, node_id)
+    _write_file(key_path, _key_pem(key), private=True)
+    _write_file(cert_path, _cert_pem(cert), private=False)
+    return NodeCert(cert=cert_path, key=key_path, ca=ca_path, node_id=node_id)
 
+
+def issue_client_cert(
+    directory: str | os.PathLike,
+    name: str,
+    *,
+    days: int = 825,
+    overwrite: bool = True,
+    node_id: bytes | str | None = None,
+) -> NodeCert:
+    """Issue ``D/<name>.pem`` + ``D/<name>.key`` for an attached client (a notebook, a script).
+
+    It binds a node id and names no host: its holder can open sessions, call,
+    discover and advertise through a node, but never pose as a node.
+    """
+    _check_name(name)
+    _check_days(days)
+    node_id = _check_node_id(node_id)
+    ca_cert, ca_key, ca_path = _load_ca(directory)
+    cert_path, key_path = _leaf_paths(directory, name, overwrite)
+    key = _new_key()
+    cert = _node_certificate(name, key, ca_cert, ca_key, [], [], days, node_id, server=False)
+    _write_file(key_path, _key_pem(key), private=True)
+    _write_file(cert_path, _cert_pem(cert), private=False)
+    return NodeCert(cert=cert_path, key=key_path, ca=ca_path, node_id=node_id)
+
+
+def _leaf_paths(directory: str | os.PathLike, name: str, overwrite: bool) -> tuple[Path, Path]:
     cert_path = Path(directory) / f"{name}.pem"
     key_path = Path(directory) / f"{name}.key"
     if not overwrite and (cert_path.exists() or key_path.exists()):
-        raise CertsError(
-            f"certificate for {name!r} already exists in {cert_path.parent}; pass overwrite=True"
-        )
+        raise CertsError(f"certificate for {name!r} already exists in {cert_path.parent}; pass overwrite=True")
+    return cert_path, key_path
 
-    dns_names = _unique(([name] if _is_dns_name(name) else []) + ["localhost"] + extra_dns)
-    own_ip = [ipaddress.ip_address(name)] if _is_ip(name) else []  # a node named by its address
-    ip_addrs = _unique([ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")] + own_ip + extra_ips)
-    key = _new_key()
-    cert = _node_certificate(name, key, ca_cert, ca_key, dns_names, ip_addrs, days)
-    _write_file(key_path, _key_pem(key), private=True)
-    _write_file(cert_path, _cert_pem(cert), private=False)
-    return NodeCert(cert=cert_path, key=key_path, ca=ca_path)
+
+def cert_node_id(cert: x509.Certificate) -> bytes | None:
+    """The node id a certificate binds (its :data:`NODE_ID_OID` otherName SAN), or None."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+    for other in san.get_values_for_type(x509.OtherName):
+        if other.type_id == NODE_ID_OID:
+            value = other.value
+            # a DER OCTET STRING of exactly 32 bytes: tag 0x04, length 0x20
+            return value[2:] if len(value) == 34 and value[:2] == b"\x04\x20" else None
+    return None
+
+
+def load_cert(path: str | os.PathLike) -> x509.Certificate:
+    """A PEM certificate from ``path`` (CertsError naming the file if it cannot be read)."""
+    return _load_cert(Path(path))
 
 
 def lab_certs(
@@ -393,7 +472,7 @@ def lab_certs(
     dns: Iterable[str] = (),
     ips: Iterable[str] = (),
 ) -> dict[str, NodeCert]:
-    """Ensure a CA in ``directory`` and issue one certificate per node name."""
+    """Ensure a CA in ``directory`` and issue one node certificate per name (each with ``dns``/``ips``)."""
     names = [names] if isinstance(names, str) else list(names)
     dns, ips = list(dns), list(ips)  # reused for every name, so no one-shot iterators
     for name in names:
@@ -420,8 +499,10 @@ def describe(cert_path: str | os.PathLike) -> dict:
         is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
         is_ca = False
+    node_id = cert_node_id(cert)
     return {
         "path": str(cert_path),
+        "node_id": node_id.hex() if node_id else None,
         "subject": _first_cn(cert.subject),
         "issuer": _first_cn(cert.issuer),
         "serial": format(cert.serial_number, "x"),
@@ -444,7 +525,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="macula-lab certs", description="Manage the lab certificate authority."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{init,issue,show}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{init,issue,issue-client,show}")
     dir_help = f"certificate directory (default: ${CERTS_DIR_ENV} or ./{DEFAULT_CERTS_DIR})"
 
     init = sub.add_parser("init", help="create the lab CA (ca.pem, ca.key)")
@@ -457,10 +538,25 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument("name", help="node name (file name and CN)")
     issue.add_argument("--dir", default=None, help=dir_help)
     issue.add_argument(
-        "--dns", action="append", default=[], metavar="NAME", help="extra DNS SAN (repeatable)"
+        "--dns",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name the node may claim as its endpoint (repeatable)",
     )
-    issue.add_argument("--ip", action="append", default=[], metavar="ADDR", help="extra IP SAN (repeatable)")
+    issue.add_argument(
+        "--ip", action="append", default=[], metavar="ADDR", help="an address the node may claim (repeatable)"
+    )
     issue.add_argument("--days", type=int, default=825, help="validity in days (default: 825)")
+    issue.add_argument("--node-id", default=None, metavar="HEX", help="the node id to bind (default: random)")
+
+    client = sub.add_parser(
+        "issue-client", help="issue a certificate for an attached client (a notebook or script, not a node)"
+    )
+    client.add_argument("name", help="client name (file name and CN), e.g. lab")
+    client.add_argument("--dir", default=None, help=dir_help)
+    client.add_argument("--days", type=int, default=825, help="validity in days (default: 825)")
+    client.add_argument("--node-id", default=None, metavar="HEX", help="the id to bind (default: random)")
 
     show = sub.add_parser("show", help="describe a certificate")
     show.add_argument("path", help="PEM certificate file")
@@ -476,9 +572,12 @@ def _run(args: argparse.Namespace) -> None:
         print(f"wrote CA {cert} and key {key}")
     elif args.command == "issue":
         node = issue_node_cert(
-            args.dir or _default_dir(), args.name, dns=args.dns, ips=args.ip, days=args.days
+            args.dir or _default_dir(), args.name, dns=args.dns, ips=args.ip, days=args.days, node_id=args.node_id
         )
-        print(f"wrote {node.cert} and {node.key} (CA {node.ca})")
+        print(f"wrote {node.cert} and {node.key} (CA {node.ca}, node id {node.node_id.hex()})")
+    elif args.command == "issue-client":
+        node = issue_client_cert(args.dir or _default_dir(), args.name, days=args.days, node_id=args.node_id)
+        print(f"wrote client certificate {node.cert} and {node.key} (CA {node.ca}, id {node.node_id.hex()})")
     else:
         info = describe(args.path)
         if args.json:

@@ -57,6 +57,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicErrorCode
 from aioquic.tls import verify_certificate
+from cryptography.hazmat.primitives import hashes
 
 from ..core.codec import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode
 from ..core.endpoint import Endpoint, parse_endpoint
@@ -70,11 +71,13 @@ from ..errors import (
     ConnectionClosed,
     ConnectTimeout,
     FrameTooLarge,
+    IdentityMismatch,
     MaculaError,
     NotStarted,
     RealmMismatch,
     RequestTimeout,
     TruncatedFrame,
+    Unauthenticated,
 )
 from . import aioquic_compat as compat
 from .base import (
@@ -87,6 +90,7 @@ from .base import (
     error_reply,
     raise_for_error,
 )
+from .certs import cert_node_id, load_cert
 from .deadlines import DeadlineQueue
 from .pool import ConnectionPool
 
@@ -132,7 +136,7 @@ _CRYPTO_ERROR_BASE = QuicErrorCode.CRYPTO_ERROR  # 0x100 + TLS alert
 
 @dataclass(frozen=True)
 class TlsConfig:
-    """Certificate files of a node.  ``verify=False`` disables peer verification (loudly)."""
+    """Certificate files of a node or client.  ``verify=False`` disables peer verification (loudly)."""
 
     cert: str | None = None
     key: str | None = None
@@ -142,6 +146,10 @@ class TlsConfig:
     @classmethod
     def from_node_cert(cls, nc: Any, *, verify: bool = True) -> TlsConfig:
         return cls(cert=str(nc.cert), key=str(nc.key), ca=str(nc.ca), verify=verify)
+
+    def bound_node_id(self) -> bytes | None:
+        """The node id our certificate binds (None: no certificate, or one that binds none)."""
+        return cert_node_id(load_cert(self.cert)) if self.cert else None
 
 
 class _Stream:
@@ -296,7 +304,9 @@ class MaculaProtocol(QuicConnectionProtocol):
             self._pending.pop(rid, None)
         if end:
             self.main_stream = None
-        self.peer = peer_from_ack(identity, reply, self.endpoint)
+        peer = peer_from_ack(identity, reply, self.endpoint)
+        self.owner.check_server_claims(self, peer)
+        self.peer = peer
         return self.peer
 
     def _peer_label(self) -> str:
@@ -458,26 +468,28 @@ class MaculaProtocol(QuicConnectionProtocol):
             except CodecError as exc:
                 self._send(stream_id, st, *error_for(exc), rid=rid)
                 return
-            if mtype is MessageType.CONNECT_ACK:
+            refusal = None
+            if mtype is not MessageType.CONNECT_ACK:
+                refusal = RealmMismatch(body["message"], ours=self.owner.identity.realm, theirs=peer.realm)
+            else:
+                refusal = self.owner.check_claims(self, peer)  # who the certificate says it is
+                if refusal is not None:
+                    mtype, body = error_for(refusal)
+            if refusal is None:
                 self.peer = peer
                 self.refused = None
                 self.owner.admit_session(self, peer)
-                self.owner.authenticate_client(self, peer)
+                self.owner.mark_verified(self, peer)
                 log.debug("session from %s (%s) at %s", peer.name, peer.short_id, peer.endpoint or "-")
             else:
-                self.refused = RealmMismatch(
-                    body["message"], ours=self.owner.identity.realm, theirs=peer.realm
-                )
+                self.refused = refusal
                 self.owner.counters["refused_sessions"] += 1
-                self.owner.peer_log.warning("refused session from %s: %s", peer.name or peer.short_id, body["message"])
+                self.owner.peer_log.warning("refused session from %s: %s", peer.name or peer.short_id, refusal)
             self._send(stream_id, st, mtype, body, rid=rid)
             return
         if self.peer is None:
-            code, msg = (
-                ("realm_mismatch", str(self.refused))
-                if self.refused
-                else ("not_connected", "send CONNECT first")
-            )
+            refused = self.refused
+            code, msg = (refused.code, str(refused)) if refused else ("not_connected", "send CONNECT first")
             self._send(stream_id, st, *error_reply(code, msg), rid=rid)
             return
         if len(self._tasks) >= MAX_INFLIGHT_PER_CONNECTION:
@@ -633,6 +645,7 @@ class QuicTransport(Transport):
         # endpoint may use them instead of dialling a connection of our own
         self._verified_incoming: dict[str, MaculaProtocol] = {}
         self._ca_data: bytes | None = None
+        self._verified: dict[bytes, bytes | MaculaError] = {}  # certificate fingerprint -> bound id
         self.handler: RequestHandler | None = None
         self.peer_log = QuietLog(log)  # what peers send wrong: counted always, logged now and then
         self.counters = {
@@ -669,6 +682,17 @@ class QuicTransport(Transport):
                 "(explicit insecure mode; never use outside a throw-away lab)",
                 identity.name or identity.node_id.hex()[:12],
             )
+        elif self.tls.cert:
+            bound = self.tls.bound_node_id()
+            if bound is None:
+                raise CertificateError(
+                    f"{self.tls.cert} binds no node id: issue it with `macula-lab certs issue` "
+                    "(certificates now carry the node id they may claim)"
+                )
+            if bound != identity.node_id:
+                raise IdentityMismatch(
+                    f"{self.tls.cert} binds node id {bound.hex()[:12]}, not {identity.node_id.hex()[:12]}"
+                )
 
     # ----------------------------------------------------------- lifecycle
     @property
@@ -948,35 +972,89 @@ class QuicTransport(Transport):
         proto = self._by_serial.get(serial)
         return proto is not None and rid in proto._pending
 
-    def authenticate_client(self, proto: MaculaProtocol, peer: PeerInfo) -> None:
-        """Mark an incoming session reusable if its client certificate vouches for the claimed endpoint.
+    # ------------------------------------------------------------ identity
+    def check_claims(self, proto: MaculaProtocol, peer: PeerInfo) -> MaculaError | None:
+        """What is wrong with a client's CONNECT claims, judged by its certificate (None: nothing).
 
-        This is the check a dialler makes of a server (chain to the lab CA, host
-        name or IP in the certificate), applied to the endpoint the client says
-        it listens on.  Clients without a certificate (attached notebooks) stay
-        ordinary sessions; nothing is refused here.
+        Mutual TLS: the client must present a certificate of the lab CA; the
+        node id it claims must be the one its certificate binds, and an
+        endpoint it claims must be a host its certificate names (the check a
+        dialler makes of a server, applied to where the client says it
+        listens).  Off only in explicit insecure mode.
         """
+        if not self.tls.verify:
+            return None
         cert, chain = compat.peer_certificate(proto._quic)
-        if cert is None or not peer.endpoint or not self.tls.ca:
-            return
-        try:
-            ep = parse_endpoint(peer.endpoint)
-            if self._ca_data is None:
-                with open(self.tls.ca, "rb") as f:
-                    self._ca_data = f.read()
-            verify_certificate(
-                certificate=cert,
-                chain=chain,
-                server_name=ep.host,
-                cadata=self._ca_data,
+        if cert is None:
+            return Unauthenticated(
+                "a session needs a certificate of the lab CA (a node's, or a client's: "
+                "`macula-lab certs issue-client NAME`)"
             )
-        except Exception as exc:  # any doubt: the session is simply not reused
-            log.debug("session from %s not reusable: %s", peer.name or peer.short_id, exc)
+        bound = self._verified_id(cert, chain)
+        if isinstance(bound, MaculaError):
+            return bound
+        if bound != peer.node_id:
+            return IdentityMismatch(
+                f"CONNECT claims node id {peer.short_id} but the certificate binds {bound.hex()[:12]}"
+            )
+        if peer.endpoint:
+            host = parse_endpoint(peer.endpoint).host
+            try:
+                verify_certificate(certificate=cert, chain=chain, server_name=host, cadata=self._ca())
+            except Exception:
+                return IdentityMismatch(
+                    f"{peer.name or peer.short_id} claims endpoint {peer.endpoint}, "
+                    f"but its certificate does not name {host}"
+                )
+        return None
+
+    def _verified_id(self, cert: Any, chain: list[Any]) -> bytes | MaculaError:
+        """The node id a certificate of the lab CA binds, chain checked once per certificate."""
+        fingerprint = cert.fingerprint(hashes.SHA256())
+        known = self._verified.get(fingerprint)
+        if known is not None:
+            return known
+        try:
+            verify_certificate(certificate=cert, chain=chain, cadata=self._ca())
+        except Exception as exc:
+            result: bytes | MaculaError = Unauthenticated(f"the client certificate does not verify: {exc}")
+        else:
+            bound = cert_node_id(cert)
+            result = bound if bound else Unauthenticated("the client certificate binds no node id")
+        if len(self._verified) >= 4096:
+            self._verified.pop(next(iter(self._verified)))
+        self._verified[fingerprint] = result
+        return result
+
+    def _ca(self) -> bytes:
+        if self._ca_data is None:
+            if not self.tls.ca:
+                raise Unauthenticated("this node has no lab CA to verify peers with")
+            with open(self.tls.ca, "rb") as f:
+                self._ca_data = f.read()
+        return self._ca_data
+
+    def check_server_claims(self, proto: MaculaProtocol, peer: PeerInfo) -> None:
+        """The server's CONNECT_ACK must claim the id its certificate (verified by TLS) binds."""
+        if not self.tls.verify:
             return
-        old = self._verified_incoming.get(str(ep))
+        cert, _chain = compat.peer_certificate(proto._quic)
+        bound = cert_node_id(cert) if cert is not None else None
+        if bound != peer.node_id:
+            raise IdentityMismatch(
+                f"{proto.endpoint} claims node id {peer.short_id} but its certificate binds "
+                f"{bound.hex()[:12] if bound else 'none'}"
+            )
+
+    def mark_verified(self, proto: MaculaProtocol, peer: PeerInfo) -> None:
+        """A session whose client proved it listens at its endpoint: requests to there may reuse it."""
+        if not peer.endpoint or not self.tls.verify:
+            return
+        endpoint = str(parse_endpoint(peer.endpoint))
+        old = self._verified_incoming.get(endpoint)
         if old is None or old.is_closed:
-            self._verified_incoming[str(ep)] = proto
-            proto.verified_endpoint = str(ep)
+            self._verified_incoming[endpoint] = proto
+            proto.verified_endpoint = endpoint
 
     def _drop_verified(self, proto: MaculaProtocol) -> None:
         key = proto.verified_endpoint

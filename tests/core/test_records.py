@@ -307,8 +307,16 @@ def test_one_peer_can_make_a_node_hold_only_its_quota():
     assert store.store(keys[0], entry(P1), 0.0, source=P1)  # others are not affected
 
 
+def test_one_peer_adds_a_bounded_number_of_copies_under_one_key():
+    store = RecordStore(max_copies_per_key=3)
+    made_up = [bytes([0x70 + i]) * 32 for i in range(5)]
+    accepted = [store.store(KEY, entry(p), 0.0, source=P3) for p in made_up]
+    assert accepted == [True, True, True, False, False] and store.stats()["refused_quota"] == 2
+    assert store.store(KEY, entry(made_up[3]), 0.0, source=P2)  # another peer's copies count apart
+
+
 def test_a_genuine_provider_gets_in_even_when_copies_fill_the_key():
-    store = RecordStore(max_providers=5)
+    store = RecordStore(max_providers=5, max_copies_per_key=100)
     for i in range(5):  # forged providers under one key
         assert store.store(KEY, entry(bytes([0x40 + i]) * 32), 0.0, source=P3)
     assert store.store(KEY, entry(bytes([0x50]) * 32), 0.0, source=P3) is False  # full for copies

@@ -223,7 +223,7 @@ async def test_nodes_started_with_the_compose_env_form_the_seeds_mesh(tmp_path: 
             )
         assert procs["node-2"].contacts >= 1 and procs["node-3"].contacts >= 1
         client = await macula_lab.connect(
-            procs["node-2"].endpoint, realm="com.test.lab", ca=str(tmp_path / "certs/ca.pem")
+            procs["node-2"].endpoint, realm="com.test.lab", certs=str(tmp_path / "certs")
         )
         try:
             reply = await client.call("math.add", {"operation": "add", "a": 10, "b": 5}, timeout=3)

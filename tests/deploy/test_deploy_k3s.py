@@ -206,7 +206,7 @@ async def test_pods_started_with_the_statefulset_env_form_a_mesh(tmp_path: Path)
     async with start_on_loopback(specs, tmp_path / "certs") as procs:
         endpoints = {name: p.endpoint for name, p in procs.items()}
         client = await macula_lab.connect(
-            endpoints["macula-1"], realm="com.test.lab", ca=str(tmp_path / "certs/ca.pem")
+            endpoints["macula-1"], realm="com.test.lab", certs=str(tmp_path / "certs")
         )
         try:
             for p in procs.values():

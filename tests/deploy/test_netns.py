@@ -78,7 +78,7 @@ async def test_compose_nodes_serve_math_add_to_a_lab_in_the_root_namespace(netns
     for name in mesh.names:
         assert await http_status(mesh.health_url(name, "/ready"), timeout=2) == 200
 
-    client = await macula_lab.connect(node2.endpoint, realm=mesh.realm, ca=mesh.ca)
+    client = await macula_lab.connect(node2.endpoint, realm=mesh.realm, certs=mesh.certs)
     try:
         # the seed's Option 2: node-2 discovers math.add through the DHT and calls it
         await converged(client, "math.add", {"node-1", "node-3"})
@@ -101,14 +101,14 @@ async def test_compose_nodes_serve_math_add_to_a_lab_in_the_root_namespace(netns
     assert mesh.attach_args() == {
         "urls": mesh.endpoints,
         "realm": mesh.realm,
-        "ca": mesh.ca,
+        "certs": mesh.certs,  # the CA and the lab's client certificate (lab.pem): sessions need both
         "token": mesh.token,
     }
 
 
 async def test_calls_fail_over_when_a_providers_namespace_dies_mid_run(netns_mesh: NetnsMesh):
     mesh = netns_mesh
-    client = await macula_lab.connect(mesh.endpoint("node-2"), realm=mesh.realm, ca=mesh.ca)
+    client = await macula_lab.connect(mesh.endpoint("node-2"), realm=mesh.realm, certs=mesh.certs)
     await converged(client, "math.add", {"node-1", "node-3"})
     served: list[tuple[int, str]] = []  # (call number, provider)
     halfway = asyncio.Event()
@@ -150,7 +150,7 @@ async def test_killed_node_restarts_and_is_discovered_again(netns_mesh: NetnsMes
         await http_status(mesh.health_url("node-3", "/live"), timeout=1)
     node = await mesh.start_node("node-3")
     assert node.running and node.process.pid != pid
-    client = await macula_lab.connect(mesh.endpoint("node-2"), realm=mesh.realm, ca=mesh.ca)
+    client = await macula_lab.connect(mesh.endpoint("node-2"), realm=mesh.realm, certs=mesh.certs)
     try:
         await converged(client, "math.add", {"node-1", "node-3"})
         assert (await client.call("math.add", {"a": 1, "b": 1}, strategy="round_robin", timeout=2))[
@@ -179,7 +179,7 @@ async def test_statefulset_env_makes_a_mesh_through_stable_dns_names(netns_mesh:
     fqdn = "macula-1.macula-headless.macula-test.svc.cluster.local"
     assert mesh.node("macula-1").advertised == f"quic://{fqdn}:9443"
     assert len(mesh.token) == 32  # generated, handed to the pods as the Secret's admin-token
-    client = await macula_lab.connect(mesh.endpoint("macula-1"), realm=mesh.realm, ca=mesh.ca)
+    client = await macula_lab.connect(mesh.endpoint("macula-1"), realm=mesh.realm, certs=mesh.certs)
     try:
         await converged(client, "math.add", set(mesh.names))  # every pod serves
         seen = {
@@ -322,7 +322,7 @@ async def test_command_line_up_serves_until_sigterm_then_cleans_up(netns_availab
                 await asyncio.sleep(0.1)
         info = json.loads(info_file.read_text())
         assert list(info["nodes"]) == ["node-1", "node-2"] and info["token"] == "macula-lab-admin"
-        client = await macula_lab.connect(info["endpoints"][1], realm=info["realm"], ca=info["ca"])
+        client = await macula_lab.connect(info["endpoints"][1], realm=info["realm"], certs=info["certs"])
         try:
             assert (await client.call("math.add", {"a": 2, "b": 3}, timeout=2)) == {
                 "result": 5,

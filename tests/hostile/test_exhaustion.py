@@ -15,7 +15,7 @@ from macula_lab.core.endpoint import parse_endpoint
 from macula_lab.core.messages import MessageType, new_id
 from macula_lab.transport import quic
 
-from ..rawpeer import connect_frame, raw_connect, raw_frame
+from ..rawpeer import raw_connect, raw_frame
 from ..widgets.test_base import until
 from .test_fields import REALM, ask, session
 
@@ -98,7 +98,7 @@ async def test_one_identity_holds_a_bounded_number_of_sessions_and_one_per_conne
         assert len(with_session) == quic.MAX_SESSIONS_PER_PEER
         assert victim.transport.counters["replaced_sessions"] == 2
         # a second CONNECT on a connection that has a session is refused; its identity stays
-        [err] = await raws[-1].exchange(connect_frame(REALM, node_id=b"\x09" * 32, name="other"))
+        [err] = await raws[-1].exchange(raws[-1].connect_frame(REALM, node_id=b"\x09" * 32, name="other"))
         assert err.type is MessageType.ERROR and err.body["code"] == "already_connected"
         assert {p.peer.name for p in victim.transport._incoming if p.peer} == {"same"}
     finally:

@@ -13,14 +13,14 @@ import pytest
 from macula_lab import CallTimeout
 from macula_lab.core.messages import MessageType, new_id
 
-from ..rawpeer import connect_frame, raw_connect, raw_frame
+from ..rawpeer import raw_connect, raw_frame
 
 REALM = "com.test.hostile"
 
 
 async def session(node, certs, **claims):
     raw = await raw_connect(node.endpoint, certs)
-    [ack] = await raw.exchange(connect_frame(REALM, **claims))
+    [ack] = await raw.exchange(raw.connect_frame(REALM, **claims))
     assert ack.type is MessageType.CONNECT_ACK, ack
     return raw
 
@@ -83,7 +83,7 @@ async def test_a_malformed_endpoint_is_refused_at_connect_and_never_reaches_the_
     for endpoint in bad_endpoints:
         raw = await raw_connect(victim.endpoint, certs)
         try:
-            [err] = await raw.exchange(connect_frame(REALM, endpoint=endpoint), wait=5.0)
+            [err] = await raw.exchange(raw.connect_frame(REALM, endpoint=endpoint), wait=5.0)
             assert err.type is MessageType.ERROR and err.body["code"] in ("invalid_field", "frame_too_large")
         finally:
             raw.close()

@@ -11,11 +11,12 @@ from macula_lab.core.messages import MessageType
 from macula_lab.errors import QuotaExceeded
 from macula_lab.runtime.gateway import MAX_ADS_PER_CLIENT, ServiceOwnedElsewhere
 
+from ..conftest import client_args
 from .test_fields import REALM, ask, session
 
 
 async def connect(node, certs):
-    return await macula_lab.connect(node.endpoint, realm=REALM, ca=str(certs["client"].ca))
+    return await macula_lab.connect(node.endpoint, realm=REALM, **client_args(certs))
 
 
 async def test_a_client_cannot_take_over_the_nodes_own_service(nodes, certs):

@@ -12,6 +12,8 @@ from macula_lab.errors import CertificateError, RealmMismatch
 from macula_lab.runtime.gateway import ServiceOwnedElsewhere
 from macula_lab.runtime.services import AllProvidersFailed, RemoteError, ServiceNotFound
 
+from ..conftest import client_args
+
 REALM = "com.test.attach"
 
 
@@ -28,7 +30,7 @@ async def _until(predicate, timeout: float = 5.0) -> bool:
 async def test_client_handler_runs_in_the_client_and_is_withdrawn_on_disconnect(nodes, certs):
     n1 = await nodes("node-1", realm=REALM)
     n2 = await nodes("node-2", realm=REALM, bootstrap=[n1.endpoint])
-    client = await macula_lab.connect(n1.endpoint, realm=REALM, ca=str(certs["client"].ca), name="notebook")
+    client = await macula_lab.connect(n1.endpoint, realm=REALM, **client_args(certs), name="notebook")
     calls = []
 
     def handler(args):
@@ -59,7 +61,7 @@ async def test_client_discovers_and_calls_through_its_node(nodes, certs):
     await n2.advertise(
         "math.add", lambda a: {"result": a["a"] + a["b"], "node": "node-2"}, metadata={"node": "node-2"}
     )
-    async with await macula_lab.connect(n1.endpoint, realm=REALM, ca=str(certs["client"].ca)) as client:
+    async with await macula_lab.connect(n1.endpoint, realm=REALM, **client_args(certs)) as client:
         [p] = await client.discover("math.add")
         assert p.node_id == n2.node_id and p.metadata["node"] == "node-2" and p.live(client.host.now())
         res = await client.call("math.add", {"a": 50, "b": 7}, details=True)
@@ -75,7 +77,7 @@ async def test_errors_keep_their_names_across_the_session(nodes, certs):
     def broken(args):
         raise KeyError("boom")
 
-    client = await macula_lab.connect(n1.endpoint, realm=REALM, ca=str(certs["client"].ca))
+    client = await macula_lab.connect(n1.endpoint, realm=REALM, **client_args(certs))
     try:
         await client.advertise("lab.broken", broken)
         for caller in (n2, client):
@@ -88,9 +90,8 @@ async def test_errors_keep_their_names_across_the_session(nodes, certs):
 
 async def test_a_service_is_relayed_for_one_client_at_a_time(nodes, certs):
     n1 = await nodes("node-1", realm=REALM)
-    ca = str(certs["client"].ca)
-    c1 = await macula_lab.connect(n1.endpoint, realm=REALM, ca=ca)
-    c2 = await macula_lab.connect(n1.endpoint, realm=REALM, ca=ca)
+    c1 = await macula_lab.connect(n1.endpoint, realm=REALM, **client_args(certs))
+    c2 = await macula_lab.connect(n1.endpoint, realm=REALM, **client_args(certs, "client2"))
     try:
         await c1.advertise("lab.one", lambda a: 1)
         with pytest.raises(ServiceOwnedElsewhere) as err:  # rebuilt by the client from the node's ERROR
@@ -106,9 +107,9 @@ async def test_a_service_is_relayed_for_one_client_at_a_time(nodes, certs):
 async def test_connect_refuses_wrong_realm_and_foreign_ca(nodes, certs, foreign_certs):
     n1 = await nodes("node-1", realm=REALM)
     with pytest.raises(RealmMismatch):
-        await macula_lab.connect(n1.endpoint, realm="com.other", ca=str(certs["client"].ca))
+        await macula_lab.connect(n1.endpoint, realm="com.other", **client_args(certs))
     with pytest.raises(CertificateError):
-        await macula_lab.connect(n1.endpoint, realm=REALM, ca=str(foreign_certs["client"].ca))
+        await macula_lab.connect(n1.endpoint, realm=REALM, **client_args(foreign_certs))
 
 
 async def test_attach_to_node_processes(certs):
@@ -126,8 +127,8 @@ async def test_attach_to_node_processes(certs):
     ]
     p1 = await start_node_process("node-5", common)
     p2 = await start_node_process("node-6", [*common, "--bootstrap", p1.endpoint])
-    server = await macula_lab.connect(p1.endpoint, realm=REALM, ca=str(d / "ca.pem"), name="server")
-    caller = await macula_lab.connect(p2.endpoint, realm=REALM, ca=str(d / "ca.pem"), name="caller")
+    server = await macula_lab.connect(p1.endpoint, realm=REALM, **client_args(certs), name="server")
+    caller = await macula_lab.connect(p2.endpoint, realm=REALM, **client_args(certs, "client2"), name="caller")
     try:
         await server.advertise("proc.square", lambda a: a["x"] ** 2)
         assert await caller.call("proc.square", {"x": 12}) == 144

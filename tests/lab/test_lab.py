@@ -12,7 +12,7 @@ from macula_lab.lab.nodes import NodeNotRunning
 from macula_lab.runtime.inspection import Unauthorized
 from macula_lab.runtime.services import AllProvidersFailed, ServiceNotFound
 
-from ..conftest import other_tasks
+from ..conftest import client_args, other_tasks
 
 REALM = "com.test.lab"
 
@@ -152,9 +152,8 @@ async def mesh_procs(node_processes):
 
 
 async def test_attach_to_node_processes(mesh_procs, certs):
-    ca = str(certs["client"].ca)
     urls = [p.endpoint for p in mesh_procs]
-    lab = await Lab.attach(urls, realm=REALM, ca=ca, token="s3cret", sample_interval=0.1)
+    lab = await Lab.attach(urls, realm=REALM, **client_args(certs), token="s3cret", sample_interval=0.1)
     try:
         assert lab.names == ["node-1", "node-2", "node-3"] and lab.mode == "attached"
         # handlers run here; the nodes publish and relay
@@ -173,7 +172,7 @@ async def test_attach_to_node_processes(mesh_procs, certs):
     finally:
         await lab.stop()
     # detaching withdrew what the lab advertised through the nodes
-    lab2 = await Lab.attach(urls[1], realm=REALM, ca=ca, token="s3cret", sample_interval=None)
+    lab2 = await Lab.attach(urls[1], realm=REALM, **client_args(certs), token="s3cret", sample_interval=None)
     try:
         with pytest.raises(ServiceNotFound):
             await lab2.node("node-2").call("test.calculator", {"a": 1, "b": 2})
@@ -184,7 +183,7 @@ async def test_attach_to_node_processes(mesh_procs, certs):
 @pytest.mark.parametrize("token", [None, "", "wrong"])
 async def test_inspection_refuses_missing_or_wrong_token(mesh_procs, certs, token):
     lab = await Lab.attach(
-        mesh_procs[0].endpoint, realm=REALM, ca=str(certs["client"].ca), token=token, sample_interval=None
+        mesh_procs[0].endpoint, realm=REALM, **client_args(certs), token=token, sample_interval=None
     )
     try:
         with pytest.raises(Unauthorized, match="admin token"):
@@ -201,7 +200,7 @@ async def test_inspection_refuses_missing_or_wrong_token(mesh_procs, certs, toke
 async def test_attach_failure_is_named_and_cleans_up(certs):
     before = other_tasks()
     with pytest.raises(LabError, match="could not attach to quic://127.0.0.1:9"):
-        await Lab.attach(["quic://127.0.0.1:9"], realm=REALM, ca=str(certs["client"].ca), timeout=0.3)
+        await Lab.attach(["quic://127.0.0.1:9"], realm=REALM, **client_args(certs), timeout=0.3)
     await asyncio.sleep(0)
     assert other_tasks() <= before
 

@@ -21,6 +21,8 @@ from macula_lab.core.records import ProviderEntry
 from macula_lab.errors import PeerError
 from macula_lab.runtime.dht import provider_key
 from macula_lab.runtime.node import Node
+from macula_lab.transport.certs import issue_node_cert
+from macula_lab.transport.quic import TlsConfig
 
 from ..conftest import stop_all, tls_for
 
@@ -194,11 +196,12 @@ async def test_newcomer_closer_to_a_key_receives_the_record(mesh, certs):
     await p.dht.store(key, entry_for(p, tag="handover"))
     # a node whose id is closer to the key than any existing node
     close_id = bytes([key[0]]) + key[1:31] + bytes([key[31] ^ 1])
+    # its certificate binds that id (the lab CA decides who a node is)
+    cert = issue_node_cert(certs["node-31"].ca.parent, "node-31b", ips=["127.0.0.1"], node_id=close_id)
     newcomer = Node(
         name="node-31",
         realm=REALM,
-        tls=tls_for(certs, "node-31"),
-        node_id=close_id,
+        tls=TlsConfig.from_node_cert(cert),
         k=K,
         bootstrap=[mesh[0].endpoint],
     )

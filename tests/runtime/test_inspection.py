@@ -7,6 +7,8 @@ import pytest
 from macula_lab.lab.client import connect
 from macula_lab.runtime.inspection import SECTIONS, Unauthorized, UnknownSection
 
+from ..conftest import client_args
+
 REALM = "com.test.inspect"
 
 
@@ -33,14 +35,14 @@ async def test_snapshot_sections(nodes):
 
 async def test_node_without_admin_token_refuses_inspection(nodes, certs):
     n1 = await nodes("node-1", realm=REALM)  # no admin token: inspection disabled
-    async with await connect(n1.endpoint, realm=REALM, ca=str(certs["client"].ca)) as client:
+    async with await connect(n1.endpoint, realm=REALM, **client_args(certs)) as client:
         with pytest.raises(Unauthorized, match="no admin token"):
             await client.inspect("anything")
 
 
 async def test_token_is_checked(nodes, certs):
     n1 = await nodes("node-1", realm=REALM, admin_token="t0ken")
-    async with await connect(n1.endpoint, realm=REALM, ca=str(certs["client"].ca)) as client:
+    async with await connect(n1.endpoint, realm=REALM, **client_args(certs)) as client:
         with pytest.raises(Unauthorized, match="wrong admin token"):
             await client.inspect("t0ke")
         snap = await client.inspect("t0ken", ["node"])

@@ -20,10 +20,12 @@ from macula_lab.errors import MaculaError
 from macula_lab.transport.certs import (
     CertsError,
     NodeCert,
+    cert_node_id,
     certs_cli,
     create_ca,
     describe,
     ensure_ca,
+    issue_client_cert,
     issue_node_cert,
     lab_certs,
 )
@@ -103,21 +105,20 @@ def test_certs_error_is_a_macula_error() -> None:
 
 # ---------------------------------------------------------------- node certs
 def test_issue_node_cert_sans_and_extensions(ca_dir: Path) -> None:
-    node = issue_node_cert(ca_dir, "node1", dns=["node1.lab", "localhost"], ips=["10.0.0.7", "127.0.0.1"])
-    assert node == NodeCert(cert=ca_dir / "node1.pem", key=ca_dir / "node1.key", ca=ca_dir / "ca.pem")
-    assert mode(node.key) == 0o600
+    node = issue_node_cert(ca_dir, "node1", dns=["node1.lab", "node1"], ips=["10.0.0.7", "10.0.0.7"])
+    assert node == NodeCert(
+        cert=ca_dir / "node1.pem", key=ca_dir / "node1.key", ca=ca_dir / "ca.pem", node_id=node.node_id
+    )
+    assert mode(node.key) == 0o600 and len(node.node_id) == 32
 
     cert = load(node.cert)
     assert cert.subject.rfc4514_string() == "CN=node1"
     assert cert.issuer == load(node.ca).subject
+    assert cert_node_id(cert) == node.node_id  # the identity it binds
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    # name itself and localhost always; duplicates dropped, order kept
-    assert san.get_values_for_type(x509.DNSName) == ["node1", "localhost", "node1.lab"]
-    assert san.get_values_for_type(x509.IPAddress) == [
-        ipaddress.ip_address("127.0.0.1"),
-        ipaddress.ip_address("::1"),
-        ipaddress.ip_address("10.0.0.7"),
-    ]
+    # the name itself and what was asked for, nothing more (no localhost); duplicates dropped, order kept
+    assert san.get_values_for_type(x509.DNSName) == ["node1", "node1.lab"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.7")]
 
     ext = cert.extensions
     assert ext.get_extension_for_class(x509.BasicConstraints).value.ca is False
@@ -133,14 +134,14 @@ def test_issue_node_cert_sans_and_extensions(ca_dir: Path) -> None:
 def test_name_that_is_not_a_dns_label_is_not_a_san(ca_dir: Path) -> None:
     info = describe(issue_node_cert(ca_dir, "node_1").cert)
     assert info["subject"] == "node_1"
-    assert info["dns"] == ["localhost"]
+    assert info["dns"] == []
 
 
 def test_node_named_by_its_ip_gets_an_ip_san_that_verifies(ca_dir: Path) -> None:
     # an IP literal in a DNS SAN made service_identity reject the whole certificate
     node = issue_node_cert(ca_dir, "172.20.0.11")
     info = describe(node.cert)
-    assert info["dns"] == ["localhost"] and "172.20.0.11" in info["ips"]
+    assert info["dns"] == [] and info["ips"] == ["172.20.0.11"]
     tls.verify_certificate(load(node.cert), chain=[], server_name="172.20.0.11", cafile=str(node.ca))
     with pytest.raises(CertsError, match="IP address"):
         issue_node_cert(ca_dir, "n", dns=["10.0.0.1"])
@@ -180,7 +181,8 @@ def test_issue_overwrite_false_keeps_existing(ca_dir: Path) -> None:
     node = issue_node_cert(ca_dir, "node1")
     with pytest.raises(CertsError, match="already exists"):
         issue_node_cert(ca_dir, "node1", overwrite=False)
-    assert issue_node_cert(ca_dir, "node1") == node  # default overwrites
+    again = issue_node_cert(ca_dir, "node1", node_id=node.node_id)  # default overwrites
+    assert (again.cert, again.key, again.node_id) == (node.cert, node.key, node.node_id)
 
 
 def test_leaf_never_outlives_its_ca(tmp_path: Path) -> None:
@@ -206,8 +208,9 @@ def test_describe(ca_dir: Path) -> None:
     node = issue_node_cert(ca_dir, "node1", dns=["n1.lab"], ips=["::2"])
     info = describe(node.cert)
     assert info["subject"] == "node1" and info["issuer"] == "macula-lab CA" and not info["is_ca"]
-    assert info["dns"] == ["node1", "localhost", "n1.lab"]
-    assert info["ips"] == ["127.0.0.1", "::1", "::2"]
+    assert info["node_id"] == node.node_id.hex()
+    assert info["dns"] == ["node1", "n1.lab"]
+    assert info["ips"] == ["::2"]
     assert len(info["fingerprint_sha256"]) == 64
     assert info["not_before"] < info["not_after"]
     json.dumps(info)  # plain data only
@@ -222,20 +225,24 @@ def test_describe(ca_dir: Path) -> None:
 # ------------------------------------------------------ aioquic verification
 @pytest.mark.parametrize("server_name", ["127.0.0.1", "::1", "localhost", "node1", "node1.lab", "10.1.2.3"])
 def test_aioquic_accepts_our_certs(ca_dir: Path, server_name: str) -> None:
-    node = issue_node_cert(ca_dir, "node1", dns=["node1.lab"], ips=["10.1.2.3"])
+    node = issue_node_cert(
+        ca_dir, "node1", dns=["node1.lab", "localhost"], ips=["10.1.2.3", "127.0.0.1", "::1"]
+    )
     tls.verify_certificate(load(node.cert), chain=[], server_name=server_name, cafile=str(node.ca))
     tls.verify_certificate(load(node.cert), chain=[], server_name=server_name, cadata=node.ca.read_bytes())
 
 
 def test_aioquic_rejects_cert_from_another_ca(tmp_path: Path) -> None:
-    ours = lab_certs(tmp_path / "ours", ["node1"])["node1"]
-    theirs = lab_certs(tmp_path / "theirs", ["node1"])["node1"]
+    ours = lab_certs(tmp_path / "ours", ["node1"], ips=["127.0.0.1"])["node1"]
+    theirs = lab_certs(tmp_path / "theirs", ["node1"], ips=["127.0.0.1"])["node1"]
     with pytest.raises(tls.AlertBadCertificate):
         tls.verify_certificate(load(theirs.cert), chain=[], server_name="127.0.0.1", cafile=str(ours.ca))
 
 
-@pytest.mark.parametrize("server_name", ["other.lab", "10.9.9.9", "node2"])
+@pytest.mark.parametrize("server_name", ["other.lab", "10.9.9.9", "node2", "localhost", "127.0.0.1", "::1"])
 def test_aioquic_rejects_wrong_hostname(ca_dir: Path, server_name: str) -> None:
+    """Loopback is not named unless asked for: a node certificate valid for localhost would
+    let its holder claim a loopback endpoint anywhere."""
     node = issue_node_cert(ca_dir, "node1")
     with pytest.raises(tls.AlertBadCertificate, match="doesn't match"):
         tls.verify_certificate(load(node.cert), chain=[], server_name=server_name, cafile=str(node.ca))
@@ -269,7 +276,7 @@ def _handshake(server: NodeCert, cafile: Path, server_name: str) -> bool:
 
 
 def test_quic_handshake_with_lab_certs(tmp_path: Path) -> None:
-    certs = lab_certs(tmp_path, ["server"])
+    certs = lab_certs(tmp_path, ["server"], ips=["127.0.0.1"])
     assert _handshake(certs["server"], certs["server"].ca, "127.0.0.1")
     assert _handshake(certs["server"], certs["server"].ca, "server")
 
@@ -338,3 +345,36 @@ def test_cli_default_dir_from_env(
     assert certs_cli(["issue", "node1"]) == 0
     assert (tmp_path / "certs" / "node1.pem").exists()
     capsys.readouterr()
+
+
+# ------------------------------------------------------------------- identities
+def test_a_certificate_binds_the_node_id_it_was_issued_for(ca_dir: Path) -> None:
+    chosen = bytes(range(32))
+    node = issue_node_cert(ca_dir, "node1", node_id=chosen)
+    assert node.node_id == chosen and cert_node_id(load(node.cert)) == chosen
+    assert issue_node_cert(ca_dir, "node2", node_id=chosen.hex()).node_id == chosen
+    with pytest.raises(CertsError, match="node id"):
+        issue_node_cert(ca_dir, "node3", node_id="zz")
+    # the binding is invisible to host-name checks
+    tls.verify_certificate(load(node.cert), chain=[], server_name="node1", cafile=str(node.ca))
+
+
+def test_client_certificates_name_no_host_and_serve_no_one(ca_dir: Path) -> None:
+    client = issue_client_cert(ca_dir, "lab")
+    cert = load(client.cert)
+    assert cert_node_id(cert) == client.node_id
+    info = describe(client.cert)
+    assert info["dns"] == [] and info["ips"] == []
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [x509.ExtendedKeyUsageOID.CLIENT_AUTH]
+    with pytest.raises(tls.AlertBadCertificate):
+        tls.verify_certificate(cert, chain=[], server_name="lab", cafile=str(client.ca))
+
+
+def test_cli_issue_client(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "certs"
+    assert certs_cli(["init", "--dir", str(d)]) == 0
+    assert certs_cli(["issue-client", "lab", "--dir", str(d)]) == 0
+    assert "client certificate" in capsys.readouterr().out
+    assert cert_node_id(load(d / "lab.pem")) is not None
+    assert describe(d / "lab.pem")["ips"] == []

@@ -11,15 +11,16 @@ from macula_lab.core.messages import MessageType, new_id
 from macula_lab.core.session import Identity
 from macula_lab.errors import ConnectionClosed, RequestTimeout
 from macula_lab.transport.memory import MemoryNetwork, MemoryTransport
-from macula_lab.transport.quic import QuicTransport, TlsConfig
+from macula_lab.transport.quic import QuicTransport
 
 from ..conftest import tls_for
 
 REALM = "com.test.contract"
 
 
-def identity(name: str) -> Identity:
-    return Identity(node_id=os.urandom(32), realm=REALM, name=name)
+def identity(name: str, certs) -> Identity:
+    """The identity ``certs[name]`` binds (on QUIC the certificate decides who a node is)."""
+    return Identity(node_id=certs[name].node_id, realm=REALM, name=name)
 
 
 def handler_for(name: str, seen: list):
@@ -44,12 +45,12 @@ async def pair(request, certs):
     """(server, client, seen-by-server, seen-by-client): a listening node and a pure client, both started."""
     made = []
     if request.param == "quic":
-        server = QuicTransport(identity("node-1"), tls=tls_for(certs, "node-1"))
-        client = QuicTransport(identity("client"), listen=None, tls=TlsConfig(ca=str(certs["client"].ca)))
+        server = QuicTransport(identity("node-1", certs), tls=tls_for(certs, "node-1"))
+        client = QuicTransport(identity("client", certs), listen=None, tls=tls_for(certs, "client"))
     else:
         net = MemoryNetwork()
-        server = MemoryTransport(net, identity("node-1"))
-        client = MemoryTransport(net, identity("client"), listen=False)
+        server = MemoryTransport(net, identity("node-1", certs))
+        client = MemoryTransport(net, identity("client", certs), listen=False)
     seen_server, seen_client = [], []
     await server.start(handler_for("node-1", seen_server))
     await client.start(handler_for("client", seen_client))

@@ -16,17 +16,18 @@ from macula_lab.errors import (
     CertificateError,
     ConnectFailed,
     ConnectTimeout,
+    IdentityMismatch,
     MaculaError,
     NotStarted,
     PeerError,
     RealmMismatch,
     RequestTimeout,
+    Unauthenticated,
 )
 from macula_lab.runtime.node import Node
 from macula_lab.transport.quic import TlsConfig
 
 from ..conftest import other_tasks, tls_for
-from ..rawpeer import connect_frame as _connect_frame
 from ..rawpeer import raw_connect
 
 
@@ -114,22 +115,30 @@ async def test_verified_incoming_session_is_reused_instead_of_dialling(nodes):
     assert b.transport.stats()["handshakes"] == 1
 
 
-async def test_unverified_incoming_sessions_are_not_reused(nodes, certs):
+async def test_sessions_need_a_certificate_and_may_claim_only_what_it_binds(nodes, certs):
     b = await nodes("node-2")
-    # a client claiming an endpoint its certificate does not name (127.0.0.2 is not in it)
+    # a node claiming an endpoint its certificate does not name (127.0.0.2 is not in it)
     liar = await nodes("node-1", advertise="quic://127.0.0.2:7")
-    await liar.ping(b.endpoint)
+    with pytest.raises(IdentityMismatch, match="does not name 127.0.0.2"):
+        await liar.ping(b.endpoint)
     # an attached client without any certificate
     plain = Node(name="client", realm="com.test.lab", listen=None, tls=TlsConfig(ca=str(certs["client"].ca)))
     await plain.start()
     try:
-        await plain.ping(b.endpoint)
-        assert b.transport.stats()["reused_incoming"] == 0
-        assert b.transport._verified_incoming == {}
-        with pytest.raises(MaculaError):  # B dials the claimed endpoint: nobody there
-            await b.ping("quic://127.0.0.2:7", timeout=0.3)
+        with pytest.raises(Unauthenticated):
+            await plain.ping(b.endpoint)
     finally:
         await plain.stop()
+    # with its client certificate it gets a session, but no endpoint to be dialled at
+    client = Node(name="client", realm="com.test.lab", listen=None, tls=tls_for(certs, "client"))
+    await client.start()
+    try:
+        assert await client.ping(b.endpoint) > 0
+        assert client.node_id == certs["client"].node_id  # the id is the one its certificate binds
+        assert b.transport.stats()["reused_incoming"] == 0 and b.transport._verified_incoming == {}
+        assert b.transport.counters["refused_sessions"] == 2
+    finally:
+        await client.stop()
 
 
 async def test_realm_mismatch_is_a_named_error(nodes):
@@ -397,7 +406,7 @@ async def test_garbage_truncated_and_oversized_frames_get_errors_and_node_keeps_
         # before CONNECT: a request is refused with a named error
         [err] = await raw.exchange(encode(MessageType.PING, {"id": new_id()}))
         assert err.type is MessageType.ERROR and err.body["code"] == "not_connected"
-        [ack] = await raw.exchange(_connect_frame(victim.realm))
+        [ack] = await raw.exchange(raw.connect_frame(victim.realm))
         assert ack.type is MessageType.CONNECT_ACK
 
         cases = {
@@ -432,7 +441,7 @@ async def test_raw_peer_with_wrong_realm_gets_error_frame(nodes, certs):
     victim = await nodes("node-1")
     raw = await raw_connect(victim.endpoint, certs)
     try:
-        [err] = await raw.exchange(_connect_frame("com.other.realm"))
+        [err] = await raw.exchange(raw.connect_frame("com.other.realm"))
         assert err.type is MessageType.ERROR and err.body["code"] == "realm_mismatch"
         [err] = await raw.exchange(encode(MessageType.PING, {"id": new_id()}))
         assert err.body["code"] == "realm_mismatch"
@@ -444,10 +453,11 @@ def test_insecure_flag_is_the_only_way_to_skip_verification(certs):
     from macula_lab.core.session import Identity
     from macula_lab.transport.quic import QuicTransport, TlsConfig
 
-    t = QuicTransport(
-        Identity(b"\1" * 32, "r"), tls=TlsConfig(cert=str(certs["node-1"].cert), key=str(certs["node-1"].key))
-    )
+    me = Identity(certs["node-1"].node_id, "r")  # the id node-1's certificate binds
+    t = QuicTransport(me, tls=TlsConfig(cert=str(certs["node-1"].cert), key=str(certs["node-1"].key)))
     with pytest.raises(ConnectFailed, match="CA"):
         t._config(is_client=True)
-    t2 = QuicTransport(Identity(b"\1" * 32, "r"), tls=tls_for(certs, "node-1"))
+    with pytest.raises(IdentityMismatch):  # a certificate binds one id: no other may be claimed with it
+        QuicTransport(Identity(b"\1" * 32, "r"), tls=tls_for(certs, "node-1"))
+    t2 = QuicTransport(me, tls=tls_for(certs, "node-1"))
     assert t2._config(is_client=True).verify_mode != ssl.CERT_NONE

@@ -7,6 +7,7 @@ import asyncio
 from macula_lab import Lab
 from macula_lab.widgets import Dashboard, dashboard
 
+from ..conftest import client_args
 from .test_base import REALM, lab_fixture, until  # noqa: F401  (the lab fixture)
 
 
@@ -44,7 +45,7 @@ async def test_dashboard_composes_the_views_and_closes_them(lab):
 async def test_the_same_widgets_drive_an_attached_lab(node_processes, certs):
     urls = [p.endpoint for p in await node_processes(REALM, "w1dgets")]
     lab = await Lab.attach(
-        urls, realm=REALM, ca=str(certs["client"].ca), token="w1dgets", sample_interval=0.2
+        urls, realm=REALM, **client_args(certs), token="w1dgets", sample_interval=0.2
     )
     served = []
 
