@@ -53,6 +53,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -739,7 +740,17 @@ async def run_round(attack: str, args: argparse.Namespace, tmp: Path, certs: dic
             await sampler.stop()
         await mesh.stop()
         holes.close()
+        if args.keep_logs:
+            _keep_logs(workdir, Path(args.keep_logs) / attack)
     return rnd
+
+
+def _keep_logs(workdir: Path, dest: Path) -> None:
+    """Copy the nodes' logs and the flooder's configuration of a round to ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in workdir.iterdir():
+        if f.suffix in (".log", ".json"):
+            shutil.copyfile(f, dest / f.name)
 
 
 async def probe(client: macula_lab.Client, phase: str, timeout: float) -> int | str:
@@ -981,6 +992,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--node-args",
         default="",
         help="extra `macula-lab node` arguments for every node (one shell-quoted string)",
+    )
+    p.add_argument(
+        "--keep-logs", metavar="DIR", help="copy each round's node logs and flooder config to DIR/<attack>/"
     )
     p.add_argument("--setup-timeout", type=float, default=180.0, help="seconds for the flooder's preparation")
     _common.add_json_option(p)
