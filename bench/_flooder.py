@@ -26,8 +26,9 @@ Attacks (``config["attacks"]``, each present only if configured):
     ``cert``/``key`` if ``idle_cert``, else none) and then stay idle; every
     second one sends a CONNECT (as a pure client, no endpoint) and nothing more.
 ``store`` (N)
-    One connection sends CONNECT and then N STORE frames
-    with forged provider entries, built by hand (msgpack + the 8-byte header):
+    N STORE frames with forged provider entries, built by hand (msgpack + the
+    8-byte header), over ``store_identities`` sessions in turn, each a new
+    connection whose CONNECT claims a new node id and a (blackhole) endpoint:
     ``store_service`` forged providers under the node's own service key, one
     entry naming the node itself as provider with seq 2**64-1 and a dead
     endpoint, and the rest one forged provider each under a fresh random key.
@@ -78,6 +79,7 @@ VERSION = 1
 # message type codes (macula_lab/core/messages.py); frames are built by hand on purpose
 CONNECT, ERROR, CALL, STORE, STORE_REPLY = 0x01, 0x06, 0x20, 0x42, 0x45
 CONNECT_ACK = 0x05
+REQUESTS = {0x03: "PING", 0x20: "CALL", 0x40: "FIND_NODE", 0x42: "STORE", 0x43: "FIND_VALUE", 0x46: "REMOVE"}
 MAX_SEQ = (1 << 64) - 1
 MAX_TTL = 24 * 3600.0
 ALPN = "macula"
@@ -101,15 +103,15 @@ def rid() -> bytes:
     return os.urandom(16)
 
 
-def connect_frame(realm: str, name: str) -> bytes:
-    """A CONNECT as a pure client (no endpoint) with a random node id."""
+def connect_frame(realm: str, name: str, endpoint: str = "") -> bytes:
+    """A CONNECT claiming a random node id: a pure client, or a node listening at ``endpoint``."""
     body = {
         "id": rid(),
         "version": VERSION,
         "node_id": os.urandom(32),
         "realm": realm,
         "capabilities": [],
-        "endpoint": "",
+        "endpoint": endpoint,
         "name": name,
     }
     return frame(CONNECT, body)
@@ -186,8 +188,10 @@ class Peer(QuicConnectionProtocol):
             self.stats[f"error:{body.get('code')}"] += 1
         elif mtype == STORE_REPLY:
             self.stats["stored" if body.get("stored") else "refused"] += 1
+        elif mtype in REQUESTS:  # the node uses our session: it believes the endpoint we claimed
+            self.stats[f"requests from the node: {REQUESTS[mtype]}"] += 1
         elif mtype != CONNECT_ACK:  # (sessions are counted by the attack that asked)
-            self.stats[f"reply:0x{mtype:02x}"] += 1
+            self.stats[f"frames of type 0x{mtype:02x}"] += 1
         self.replies[stream_id].append((mtype, body))
         self.reply_event.set()
 
@@ -350,10 +354,12 @@ class Flooder:
         await asyncio.wait_for(peer.wait_connected(), 10.0)
         return peer
 
-    async def _connect_session(self, peer: Peer, stats: collections.Counter, name: str) -> int:
+    async def _connect_session(
+        self, peer: Peer, stats: collections.Counter, name: str, endpoint: str = ""
+    ) -> int:
         """Send CONNECT on a new stream (the session's main stream); wait up to 5 s for the answer."""
         sid = peer.new_stream()
-        peer.send(sid, connect_frame(self.cfg["realm"], name))
+        peer.send(sid, connect_frame(self.cfg["realm"], name, endpoint))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5.0):
                 while not peer.replies.get(sid) and not peer.terminated:
@@ -422,27 +428,48 @@ class Flooder:
                 t.cancel()
 
     async def _store(self) -> None:
+        """The STOREs on ``store_identities`` sessions, one after the other, each as a new node.
+
+        Each session is a new connection whose CONNECT claims a new node id and one of
+        the blackhole endpoints (a node, not a client: nodes store).  While identities
+        are mere claims, a per-peer quota is no bound for one process.
+        """
         st = self.stats["store"]
         st["planned"] = len(self._stores)
-        peer = await self._open(st)
-        sid = await self._connect_session(peer, st, "flooder")
+        holes = self.cfg["blackholes"]
+        n_ids = max(1, min(int(self.cfg.get("store_identities", 1)), len(self._stores) or 1))
+        per_id = -(-len(self._stores) // n_ids)
+        sessions: list[tuple[Peer, int]] = []
 
-        def send(data: bytes) -> None:
+        async def session(i: int) -> tuple[Peer, int]:
+            while len(sessions) <= i:
+                k = len(sessions)
+                peer = await self._open(st)
+                sid = await self._connect_session(peer, st, f"flooder-{k}", holes[k % len(holes)])
+                st["identities"] += 1
+                sessions.append((peer, sid))
+            return sessions[i]
+
+        async def send(item: tuple[int, bytes]) -> None:
+            i, data = item
+            peer, sid = await session(i // per_id)
             if not peer.terminated:
                 peer._quic.send_stream_data(sid, data)
                 st["sent"] += 1
 
         async def flush() -> None:
             while True:
-                peer.transmit()
+                for peer, _ in sessions:
+                    peer.transmit()
                 await asyncio.sleep(TICK)
 
         flusher = asyncio.get_running_loop().create_task(flush())
         try:
-            await paced(self._stores, self.window, send)
+            await paced(list(enumerate(self._stores)), self.window, send)
         finally:
             flusher.cancel()
-            peer.transmit()
+            for peer, _ in sessions:
+                peer.transmit()
 
     async def _badframe(self) -> None:
         st = self.stats["badframe"]

@@ -16,7 +16,8 @@ of the service every second.  Then, on the same mesh:
    Initials never completed), ``idle`` / ``idle-nocert`` (connections that
    complete TLS with / without a lab client certificate, then send nothing or
    one CONNECT), ``store`` (STORE frames with forged provider entries, under
-   the victim's own service key and under thousands of random keys),
+   the victim's own service key and under thousands of random keys, sent as a
+   dozen claimed node identities),
    ``badframe`` (malformed, truncated, oversized frames), ``partial`` (frames
    announced at the size limit and never finished), or ``all`` of them at once;
 3. **after**: the flooder closes its connections and exits; ``--settle``
@@ -649,8 +650,9 @@ async def run_round(attack: str, args: argparse.Namespace, tmp: Path, certs: dic
     rnd = Round(attack)
     workdir = tmp / attack
     workdir.mkdir()
-    mesh = Mesh(workdir, certs, shlex.split(args.node_args))
-    holes = Blackholes()
+    node_args = ["--max-frame-size", str(args.max_frame_size), *shlex.split(args.node_args)]
+    mesh = Mesh(workdir, certs, node_args)
+    holes = Blackholes(max(4, args.store_identities))
     client: macula_lab.Client | None = None
     flooder: Flooder | None = None
     sampler: Sampler | None = None
@@ -691,6 +693,7 @@ async def run_round(attack: str, args: argparse.Namespace, tmp: Path, certs: dic
             "victim_id": victim_id.hex(),
             "blackholes": holes.endpoints,
             "store_service": args.store_service,
+            "store_identities": args.store_identities,
             "max_frame_size": args.max_frame_size,
             "window": args.duration * args.flood_window,
             "attacks": flood_plan(attack, args),
@@ -896,7 +899,8 @@ def report(rounds: list[Round], rows: list[Verdict], env: dict[str, Any], args: 
         f"(sends spread over {args.duration * args.flood_window:g} s), then {args.settle:g} s after the "
         "flooder left; latency from each call's intended send time, a failed call counts as inf",
         f"flood sizes: {args.halfopen} half-open handshakes, {args.idle} idle connections, "
-        f"{args.stores} STOREs ({args.store_service} under the service key), {args.bad_frames} bad frames, "
+        f"{args.stores} STOREs ({args.store_service} under the service key, from {args.store_identities} "
+        f"claimed node identities), {args.bad_frames} bad frames, "
         f"{args.partial_mib} unfinished 1 MiB frames",
         "",
         *_common.table(
@@ -952,6 +956,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=150,
         help="of which under the victim's service key, one naming the victim itself (default 150)",
     )
+    p.add_argument(
+        "--store-identities",
+        type=int,
+        default=12,
+        help="node identities the STOREs are spread over, a new connection and claimed node id each "
+        "(default 12)",
+    )
     p.add_argument("--bad-frames", type=int, default=5000, help="malformed frames (default 5000)")
     p.add_argument(
         "--partial-mib",
@@ -986,7 +997,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the flooder presents no client certificate in any attack (default: only in idle-nocert)",
     )
     p.add_argument(
-        "--max-frame-size", type=int, default=1 << 20, help="the nodes' frame limit (default 1 MiB)"
+        "--max-frame-size",
+        type=int,
+        default=1 << 20,
+        help="the nodes' frame limit, passed to them; the unfinished frames announce it (default 1 MiB)",
     )
     p.add_argument(
         "--node-args",
@@ -1010,6 +1024,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--flood-window must be in (0, 1]")
     if min(args.halfopen, args.idle, args.stores, args.store_service, args.bad_frames, args.partial_mib) < 0:
         p.error("flood sizes must be >= 0")
+    if args.store_identities < 1:
+        p.error("--store-identities must be >= 1")
     if args.settle < 0 or args.discover_every < 0:
         p.error("--settle and --discover-every must be >= 0")
     return args

@@ -40,6 +40,8 @@ def test_hostile_bench_runs_every_attack_and_reports(tmp_path):
         str(SIZES["store"]),
         "--store-service",
         "20",
+        "--store-identities",
+        "2",
         "--bad-frames",
         str(SIZES["badframe"]),
         "--partial-mib",
