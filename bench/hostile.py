@@ -589,7 +589,8 @@ class Phase:
     rss_after: int
     cpu_s: float
     log_bytes: int
-    metrics: dict[str, float] | str = ""
+    metrics: dict[str, float] | str = ""  # the victim's /metrics at the end of the phase
+    metrics_after: dict[str, float] | str = ""  # flood: --settle seconds after the flooder left
     probe: int | str = "-"  # replicas stored for a new service advertised through the victim
 
     def to_json(self) -> dict[str, Any]:
@@ -608,6 +609,7 @@ class Round:
     quiet: Phase | None = None
     flood: Phase | None = None
     flooder: dict[str, Any] = field(default_factory=dict)
+    victim_exit: int | None = None  # the victim's exit status if it died during the round
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -616,6 +618,7 @@ class Round:
             "quiet": self.quiet.to_json() if self.quiet else None,
             "flood": self.flood.to_json() if self.flood else None,
             "flooder": self.flooder,
+            "victim_exit": self.victim_exit,
             "error": self.error,
         }
 
@@ -726,6 +729,9 @@ async def run_round(attack: str, args: argparse.Namespace, tmp: Path, certs: dic
         c = Mark.now(victim)
         rnd.flood = phase_from(attack, load, a, b, c, sampler)
         rnd.flood.metrics, rnd.flood.probe = metrics, probe_replicas
+        rnd.flood.metrics_after = await victim_metrics(victim)
+        if victim.proc.returncode is not None:
+            rnd.victim_exit = victim.proc.returncode
         log_phase(tag, rnd.flood)
         for line in flood_summary(rnd.flooder):
             log(f"{tag}   {line}")
@@ -877,6 +883,7 @@ def report(rounds: list[Round], rows: list[Verdict], env: dict[str, Any], args: 
                 [
                     label,
                     _metric(p.metrics, "macula_incoming_connections"),
+                    _metric(p.metrics_after, "macula_incoming_connections") if p.metrics_after else "",
                     _metric(p.metrics, "macula_dht_keys"),
                     _metric(p.metrics, "macula_bad_frames"),
                     str(p.load.providers_max),
@@ -888,6 +895,8 @@ def report(rounds: list[Round], rows: list[Verdict], env: dict[str, Any], args: 
             for p in (r.quiet, r.flood):
                 if p is not None and p.load.errors:
                     details.append(f"  failed legitimate calls ({p.name}): {p.load.errors}")
+            if r.victim_exit is not None:
+                details.append(f"  THE VICTIM EXITED during the flood (status {r.victim_exit})")
             if isinstance(r.flood.metrics, str):
                 details.append(f"  /metrics during the flood: {r.flood.metrics}")
     lines = [
@@ -920,11 +929,20 @@ def report(rounds: list[Round], rows: list[Verdict], env: dict[str, Any], args: 
             main_rows,
         ),
         "",
-        "victim at the end of each phase (/metrics; providers: most returned by one discovery; "
+        "victim at the end of each phase (/metrics; conns after: incoming connections "
+        f"{args.settle:g} s after the flooder left; providers: most returned by one discovery; "
         "probe ad: replicas stored for a new service advertised through the victim):",
         "",
         *_common.table(
-            ["phase".ljust(19), "incoming conns", "DHT keys", "bad frames", "providers", "probe ad"],
+            [
+                "phase".ljust(19),
+                "incoming conns",
+                "conns after",
+                "DHT keys",
+                "bad frames",
+                "providers",
+                "probe ad",
+            ],
             state_rows,
         ),
         "",
