@@ -29,8 +29,9 @@ latency by sending less; a failed call counts as infinitely slow), the victim's
 RSS (``/proc/<pid>/status`` VmRSS, sampled every 100 ms) before / at its peak /
 after, the victim's CPU seconds (``/proc/<pid>/stat``) and the bytes of log it
 wrote.  At the end of each phase the bench also reads the victim's
-``/metrics`` and advertises two probe services through it, to see whether a
-genuine provider is still stored.
+``/metrics`` and advertises a probe service through it, to see whether a
+genuine provider is still stored (after a flood, the incoming connections are
+read once more ``--settle`` seconds after the flooder left).
 
 Targets, per attack: **100 %** legitimate success during the flood and flood
 p50 **<= 2x** the quiet p50 of the same mesh; the victim's RSS growth is
@@ -38,7 +39,8 @@ reported for information.
 
 Exit status: 0 whether targets are met or not (a benchmark, not a test); 1 if
 the harness itself crashed (a traceback on stderr, the row reads CRASHED); 130
-if interrupted.  Child processes and temporary files are removed in every case.
+if interrupted.  Child processes and temporary files are removed on every exit (Ctrl-C and SIGTERM
+included; after a SIGKILL of the bench the children still get SIGTERM).
 """
 
 from __future__ import annotations
