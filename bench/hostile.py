@@ -789,7 +789,9 @@ async def run_all(args: argparse.Namespace) -> list[Round]:
     loop.add_signal_handler(signal.SIGTERM, main.cancel)  # SIGTERM cleans up like Ctrl-C
     rounds = []
     with tempfile.TemporaryDirectory(prefix="macula-hostile-") as tmp:
-        certs = lab_certs(Path(tmp) / "certs", [VICTIM, *OTHERS, CALLER, FLOODER_CERT])
+        # node certificates name 127.0.0.1 (where the mesh listens); the flooder holds one too: a
+        # compromised lab node, the strongest attacker a lab CA admits
+        certs = lab_certs(Path(tmp) / "certs", [VICTIM, *OTHERS, CALLER, FLOODER_CERT], ips=["127.0.0.1"])
         for i, attack in enumerate(args.attack_list, 1):
             log(f"[{attack}] round {i}/{len(args.attack_list)}")
             rounds.append(await run_round(attack, args, Path(tmp), certs))
