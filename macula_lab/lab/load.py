@@ -246,8 +246,13 @@ class _Recorder:
             w.errors += 1
         if not measured:
             return
-        svc = self.per_service.setdefault(service, [_hist(), 0, 0])
-        strat = self.per_strategy.setdefault(strategy or "(node default)", [_hist(), 0, 0])
+        svc = self.per_service.get(service)
+        if svc is None:  # (not setdefault: a histogram is too costly to build for every call)
+            svc = self.per_service[service] = [_hist(), 0, 0]
+        label = strategy or "(node default)"
+        strat = self.per_strategy.get(label)
+        if strat is None:
+            strat = self.per_strategy[label] = [_hist(), 0, 0]
         if error is None:
             self.ok += 1
             us = _us(done - intended)
