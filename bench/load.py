@@ -81,6 +81,7 @@ async def measure(name: str, start, args: argparse.Namespace) -> dict[str, Any]:
             max_rate=args.max_rate,
             p99_bound_ms=args.p99_bound,
             max_error_rate=args.max_errors,
+            min_throughput=args.min_throughput,
             refine=args.refine,
             progress=None if args.quiet else TextProgress(sys.stderr),
             on_step=lambda r: log(f"[{name}] {r.config.rate:g}/s: {r.summary()}"),
@@ -123,6 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--refine", type=int, default=2)
     p.add_argument("--p99-bound", type=float, default=50.0, help="ms (default 50)")
     p.add_argument("--max-errors", type=float, default=0.01)
+    p.add_argument("--min-throughput", type=float, default=0.9)
     p.add_argument("--timeout", type=float, default=2.0)
     p.add_argument("--closed", type=lambda s: [int(x) for x in s.split(",")], default=[1, 64])
     p.add_argument("--netns", action="store_true", help="also against node processes in network namespaces")

@@ -201,6 +201,8 @@ class _Recorder:
         self.cfg = cfg
         self.start = start
         self.measure_from = start + cfg.warmup
+        self.measure_until = self.measure_from + cfg.duration
+        self.ok_in_period = 0  # successful calls that finished within the measured period
         self.latency = _hist()
         self.service_time = _hist()
         self.send_lag = _hist()  # how late the generator sent calls (intended -> actual)
@@ -242,6 +244,8 @@ class _Recorder:
         if error is None:
             w.ok += 1
             w.hist.record_value(_us(done - intended))
+            if self.measure_from <= done < self.measure_until:
+                self.ok_in_period += 1
         else:
             w.errors += 1
         if not measured:
@@ -308,6 +312,7 @@ class LoadResult:
     per_strategy: dict[str, dict[str, Any]] = field(default_factory=dict)
     windows: list[dict[str, Any]] = field(default_factory=list)
     concurrency: int | None = None  # closed loop: the workers (None: open loop)
+    ok_in_period: int = 0  # successful calls that finished within the measured period
 
     # ----------------------------------------------------------- figures
     @property
@@ -320,8 +325,12 @@ class LoadResult:
 
     @property
     def achieved_rate(self) -> float:
-        """Successful calls per second of the measured period."""
-        return self.ok / self.config.duration
+        """Throughput: successful calls that *finished* within the measured period, per second.
+
+        Past saturation it stays at what the system can do while the offered rate
+        grows (the rest finish after the run, or time out).
+        """
+        return self.ok_in_period / self.config.duration
 
     def percentile_ms(self, p: float, *, corrected: bool = True) -> float | None:
         return _ms(self.latency if corrected else self.service_time, p)
@@ -684,6 +693,7 @@ async def run_load(
         per_service=_rows(rec.per_service),
         per_strategy=_rows(rec.per_strategy),
         windows=[w.row(cfg.window) for _, w in sorted(rec.windows.items())],
+        ok_in_period=rec.ok_in_period,
     )
 
 
@@ -769,6 +779,7 @@ async def run_closed_loop(
         per_strategy=_rows(rec.per_strategy),
         windows=[w.row(cfg.window) for _, w in sorted(rec.windows.items())],
         concurrency=concurrency,
+        ok_in_period=rec.ok_in_period,
     )
 
 
@@ -781,13 +792,15 @@ class SaturationResult:
     p99_bound_ms: float
     max_error_rate: float
     saturated_at: float | None  # the first rate that passed a bound (None: none did)
-    sustainable: float | None  # the highest rate within both bounds
+    sustainable: float | None  # the highest rate within the bounds
+    min_throughput: float = 0.9  # achieved / offered below this is saturation too
 
     def rows(self) -> list[dict[str, Any]]:
         out = []
         for step in self.steps:
             s = step.summary()
-            out.append({**s, "within_bounds": _within(step, self.p99_bound_ms, self.max_error_rate)})
+            within = _within(step, self.p99_bound_ms, self.max_error_rate, self.min_throughput)
+            out.append({**s, "within_bounds": within})
         return out
 
     def table(self) -> Any:
@@ -800,7 +813,8 @@ class SaturationResult:
 
     def text(self) -> str:
         lines = [
-            f"saturation search: p99 bound {self.p99_bound_ms:g} ms, error bound {self.max_error_rate:.1%}",
+            f"saturation search: p99 bound {self.p99_bound_ms:g} ms, error bound {self.max_error_rate:.1%}, "
+            f"throughput at least {self.min_throughput:.0%} of the offered rate",
             "",
             "| rate /s | achieved ok/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | error % | uncorrected p99 ms | within bounds |",
             "|---|---|---|---|---|---|---|---|---|---|",
@@ -833,6 +847,7 @@ class SaturationResult:
         return {
             "p99_bound_ms": self.p99_bound_ms,
             "max_error_rate": self.max_error_rate,
+            "min_throughput": self.min_throughput,
             "saturated_at": self.saturated_at,
             "sustainable": self.sustainable,
             "rows": self.rows(),
@@ -862,9 +877,16 @@ class SaturationResult:
         return fig
 
 
-def _within(step: LoadResult, p99_bound_ms: float, max_error_rate: float) -> bool:
+def _within(
+    step: LoadResult, p99_bound_ms: float, max_error_rate: float, min_throughput: float = 0.0
+) -> bool:
     p99 = step.p99_ms
-    return p99 is not None and p99 <= p99_bound_ms and step.error_rate <= max_error_rate
+    return (
+        p99 is not None
+        and p99 <= p99_bound_ms
+        and step.error_rate <= max_error_rate
+        and step.achieved_rate >= min_throughput * step.config.rate
+    )
 
 
 def _ramp(start_rate: float, factor: float, max_rate: float) -> Iterable[float]:
@@ -884,13 +906,16 @@ async def find_saturation(
     max_rate: float = 5000.0,
     p99_bound_ms: float = 50.0,
     max_error_rate: float = 0.01,
+    min_throughput: float = 0.9,
     refine: int = 0,
     cooldown: float = 1.0,
     progress: Callable[[dict[str, Any]], None] | str | None = "auto",
     on_step: Callable[[LoadResult], None] | None = None,
 ) -> SaturationResult:
     """Run steps of increasing rate (``rates``, or ``start_rate`` x ``factor``^n up to ``max_rate``)
-    until p99 passes ``p99_bound_ms`` or the error rate ``max_error_rate``.
+    until p99 passes ``p99_bound_ms``, the error rate ``max_error_rate``, or the
+    throughput (calls finished within the step) falls below ``min_throughput``
+    times the offered rate (a queue that only grows, whatever the latency bound).
 
     ``refine`` more steps bisect (geometrically) between the last rate within
     the bounds and the first past them.  Each step is a full :func:`run_load`
@@ -909,7 +934,7 @@ async def find_saturation(
         if on_step is not None:
             on_step(result)
         await asyncio.sleep(cooldown)
-        return _within(result, p99_bound_ms, max_error_rate)
+        return _within(result, p99_bound_ms, max_error_rate, min_throughput)
 
     for rate in rates if rates is not None else _ramp(start_rate, factor, max_rate):
         if await step(rate):
@@ -926,7 +951,7 @@ async def find_saturation(
         else:
             bad = mid
     steps.sort(key=lambda s: s.config.rate)
-    return SaturationResult(steps, p99_bound_ms, max_error_rate, bad, good)
+    return SaturationResult(steps, p99_bound_ms, max_error_rate, bad, good, min_throughput)
 
 
 # -------------------------------------------------------------------- plots

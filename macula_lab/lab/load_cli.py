@@ -114,6 +114,12 @@ def add_load_parser(sub: Any) -> argparse.ArgumentParser:
     sat.add_argument("--refine", type=int, default=2, help="bisecting steps after the ramp (default 2)")
     sat.add_argument("--p99-bound", type=float, default=50.0, help="milliseconds (default 50)")
     sat.add_argument("--max-errors", type=float, default=0.01, help="error rate bound (default 0.01)")
+    sat.add_argument(
+        "--min-throughput",
+        type=float,
+        default=0.9,
+        help="saturated below this share of the offered rate finished in time (default 0.9)",
+    )
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="FILE", help="write the machine-readable result here")
     out.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -192,6 +198,7 @@ async def _load(args: argparse.Namespace) -> Any:
                 max_rate=args.max_rate,
                 p99_bound_ms=args.p99_bound,
                 max_error_rate=args.max_errors,
+                min_throughput=args.min_throughput,
                 refine=args.refine,
                 progress=progress,
             )
