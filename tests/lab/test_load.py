@@ -61,7 +61,9 @@ async def test_open_loop_sends_rate_times_duration_and_reports():
     result = await run_load(fake, LoadConfig(rate=200, duration=1.0, warmup=0.25), progress=None)
     assert result.sent == 200 and result.ok == 200 and result.failed == 0
     assert len(fake.calls) == 250  # the warm-up's calls are sent, not counted
-    assert result.achieved_rate == pytest.approx(200, abs=3)  # finished within the measured second
+    assert (
+        150 <= result.achieved_rate <= 200.5
+    )  # finished within the measured second (a stall may delay some)
     assert 0 < result.p50_ms <= result.p99_ms
     assert result.percentile_ms(99, corrected=False) <= result.p99_ms
     assert sum(w["ok"] for w in result.windows) == 250 and result.windows[0]["warmup"]
@@ -150,7 +152,7 @@ async def test_saturation_search_finds_the_rate_a_server_cannot_keep_up_with():
         server,
         LoadConfig(duration=1.5),
         rates=[50, 100, 400],
-        p99_bound_ms=150,
+        p99_bound_ms=400,  # far above this machine's noise; the queue at 400/s passes it by seconds
         refine=1,
         cooldown=0.1,
         progress=None,
@@ -160,8 +162,9 @@ async def test_saturation_search_finds_the_rate_a_server_cannot_keep_up_with():
     assert sat.sustainable < sat.saturated_at
     rates = [r["rate"] for r in sat.rows()]
     assert rates == sorted(rates) and rates[:2] == [50, 100] and len(steps) == len(rates)
-    last = sat.steps[-1] if sat.saturated_at == 400 else next(s for s in sat.steps if s.config.rate == 200)
-    assert last.p99_ms > 150
+    verdicts = {r["rate"]: r["within_bounds"] for r in sat.rows()}
+    assert verdicts[sat.saturated_at] is False and verdicts[sat.sustainable] is True
+    assert sat.steps[-1].p99_ms > 400  # 400/s: 1.5 s of a queue growing by 200 calls/s
     text = sat.text()
     assert (
         "| rate /s | achieved ok/s | p50 ms | p99 ms |" in text
@@ -173,15 +176,16 @@ async def test_saturation_search_finds_the_rate_a_server_cannot_keep_up_with():
 async def test_a_queue_that_only_grows_is_saturation_whatever_the_latency_bound():
     sat = await find_saturation(
         Server(delay=0.005),
-        LoadConfig(duration=1.0),
+        LoadConfig(duration=2.0),
         rates=[100, 400],
         p99_bound_ms=1e6,
+        min_throughput=0.75,
         cooldown=0,
         progress=None,
     )
     assert sat.saturated_at == 400 and sat.sustainable == 100, sat.text()
     [_, over] = sat.steps
-    assert over.error_rate == 0 and over.achieved_rate < 0.9 * 400  # every call answered, too late
+    assert over.error_rate == 0 and over.achieved_rate < 0.75 * 400  # every call answered, too late
 
 
 def test_config_is_checked():
@@ -224,7 +228,18 @@ def test_cli_load_in_process_and_saturation(tmp_path, capsys):
     assert "open-loop load: 50 calls/s" in printed and "calling from node-2" in printed
     doc = json.loads(out.read_text())
     assert doc["summary"]["ok"] == 50 and doc["summary"]["errors"] == 0
-    assert main([*args, "--saturate", "--rates", "20,40", "--refine", "0", "--p99-bound", "1000"]) == 0
+    sat = [
+        "--saturate",
+        "--rates",
+        "20,40",
+        "--refine",
+        "0",
+        "--p99-bound",
+        "1000",
+        "--min-throughput",
+        "0.5",
+    ]
+    assert main([*args, *sat]) == 0
     captured = capsys.readouterr()
     assert "not saturated up to 40 calls/s" in captured.out
     assert "rate 40/s" in captured.err  # the progress lines
