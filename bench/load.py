@@ -83,6 +83,7 @@ async def measure(name: str, start, args: argparse.Namespace) -> dict[str, Any]:
             max_error_rate=args.max_errors,
             min_throughput=args.min_throughput,
             refine=args.refine,
+            confirm=args.confirm,
             progress=None if args.quiet else TextProgress(sys.stderr),
             on_step=lambda r: log(f"[{name}] {r.config.rate:g}/s: {r.summary()}"),
         )
@@ -122,6 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--start-rate", type=float, default=100.0)
     p.add_argument("--max-rate", type=float, default=6400.0)
     p.add_argument("--refine", type=int, default=2)
+    p.add_argument("--confirm", type=int, default=1, help="re-runs of a step past a bound (default 1)")
     p.add_argument("--p99-bound", type=float, default=50.0, help="ms (default 50)")
     p.add_argument("--max-errors", type=float, default=0.01)
     p.add_argument("--min-throughput", type=float, default=0.9)

@@ -796,11 +796,12 @@ class SaturationResult:
     min_throughput: float = 0.9  # achieved / offered below this is saturation too
 
     def rows(self) -> list[dict[str, Any]]:
-        out = []
+        out, seen = [], set()
         for step in self.steps:
             s = step.summary()
             within = _within(step, self.p99_bound_ms, self.max_error_rate, self.min_throughput)
-            out.append({**s, "within_bounds": within})
+            out.append({**s, "within_bounds": within, "rerun": s["rate"] in seen})
+            seen.add(s["rate"])
         return out
 
     def table(self) -> Any:
@@ -823,7 +824,8 @@ class SaturationResult:
             lines.append(
                 f"| {r['rate']:g} | {r['achieved']:.1f} | {_fmt(r['p50_ms'], 3)} | {_fmt(r['p99_ms'], 3)} | "
                 f"{_fmt(r['p99.9_ms'], 3)} | {_fmt(r['max_ms'], 3)} | {r['errors']} | {r['error_rate']:.2%} | "
-                f"{_fmt(r['uncorrected_p99_ms'], 3)} | {'yes' if r['within_bounds'] else 'NO'} |"
+                f"{_fmt(r['uncorrected_p99_ms'], 3)} | {'yes' if r['within_bounds'] else 'NO'}"
+                f"{' (re-run)' if r['rerun'] else ''} |"
             )
         lines.append("")
         if self.saturated_at is None:
@@ -908,6 +910,7 @@ async def find_saturation(
     max_error_rate: float = 0.01,
     min_throughput: float = 0.9,
     refine: int = 0,
+    confirm: int = 0,
     cooldown: float = 1.0,
     progress: Callable[[dict[str, Any]], None] | str | None = "auto",
     on_step: Callable[[LoadResult], None] | None = None,
@@ -918,7 +921,10 @@ async def find_saturation(
     times the offered rate (a queue that only grows, whatever the latency bound).
 
     ``refine`` more steps bisect (geometrically) between the last rate within
-    the bounds and the first past them.  Each step is a full :func:`run_load`
+    the bounds and the first past them.  ``confirm``: a step past a bound is
+    run again up to this many times and counts as within them if a re-run is
+    (one stall of a shared machine then does not end the search; a saturated
+    rate fails every time).  Each step is a full :func:`run_load`
     with ``config`` (its rate replaced), then ``cooldown`` seconds of quiet.
     """
     if factor <= 1 and rates is None:
@@ -928,13 +934,22 @@ async def find_saturation(
     good: float | None = None
     bad: float | None = None
 
-    async def step(rate: float) -> bool:
+    async def run(rate: float) -> bool:
         result = await run_load(target, replace(cfg, rate=float(rate)), progress=progress)
         steps.append(result)
         if on_step is not None:
             on_step(result)
         await asyncio.sleep(cooldown)
         return _within(result, p99_bound_ms, max_error_rate, min_throughput)
+
+    async def step(rate: float) -> bool:
+        """Within the bounds, or (``confirm`` re-runs) within them on a re-run."""
+        if await run(rate):
+            return True
+        for _ in range(confirm):
+            if await run(rate):
+                return True
+        return False
 
     for rate in rates if rates is not None else _ramp(start_rate, factor, max_rate):
         if await step(rate):

@@ -112,6 +112,9 @@ def add_load_parser(sub: Any) -> argparse.ArgumentParser:
     sat.add_argument("--factor", type=float, default=2.0)
     sat.add_argument("--max-rate", type=float, default=6400.0)
     sat.add_argument("--refine", type=int, default=2, help="bisecting steps after the ramp (default 2)")
+    sat.add_argument(
+        "--confirm", type=int, default=1, help="re-runs of a step past a bound before it counts (default 1)"
+    )
     sat.add_argument("--p99-bound", type=float, default=50.0, help="milliseconds (default 50)")
     sat.add_argument("--max-errors", type=float, default=0.01, help="error rate bound (default 0.01)")
     sat.add_argument(
@@ -200,6 +203,7 @@ async def _load(args: argparse.Namespace) -> Any:
                 max_error_rate=args.max_errors,
                 min_throughput=args.min_throughput,
                 refine=args.refine,
+                confirm=args.confirm,
                 progress=progress,
             )
         else:

@@ -188,6 +188,33 @@ async def test_a_queue_that_only_grows_is_saturation_whatever_the_latency_bound(
     assert over.error_rate == 0 and over.achieved_rate < 0.75 * 400  # every call answered, too late
 
 
+async def test_a_step_past_a_bound_can_be_confirmed_by_a_rerun():
+    class Flaky(Fake):  # one stall, in the first step at 200/s only
+        async def call(self, service, args, **kw):
+            self.calls.append(service)
+            if len(self.calls) == 100:  # 50 at 100/s, then the 50th call of the first 200/s step
+                await asyncio.sleep(0)
+                time.sleep(0.5)  # noqa: ASYNC251 - the stall
+            await asyncio.sleep(0.001)
+
+    sat = await find_saturation(
+        Flaky(),
+        LoadConfig(duration=0.5),
+        rates=[100, 200],
+        p99_bound_ms=300,
+        confirm=1,
+        cooldown=0,
+        progress=None,
+    )
+    assert sat.saturated_at is None and sat.sustainable == 200, sat.text()
+    assert [(r["rate"], r["within_bounds"], r["rerun"]) for r in sat.rows()] == [
+        (100, True, False),
+        (200, False, False),
+        (200, True, True),
+    ]
+    assert "NO |" in sat.text() and "yes (re-run) |" in sat.text()
+
+
 def test_config_is_checked():
     for bad in (
         {"rate": 0},
