@@ -5,6 +5,7 @@
     macula-lab ping URL ...    session handshake + PING against a running node
     macula-lab demo            a small local multi-node demo (separate processes)
     macula-lab procedure NAME  run a procedure notebook (papermill) and print its checklist
+    macula-lab load ...        open-loop load test (a rate, or a saturation search) against a lab
 
 This is a process entry point, so it owns its event loop (``asyncio.run``);
 library code never does, so that it runs inside Jupyter kernels.
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     from .procedures.runner import add_procedure_parser, procedure_main
 
     add_procedure_parser(sub)
+    from .lab.load_cli import add_load_parser, load_main
+
+    add_load_parser(sub)
 
     if argv and argv[0] == "certs":  # the certs tool has its own parser
         from .transport.certs import certs_cli
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(run_demo(n=args.nodes, keep=args.keep))
     if args.command == "procedure":
         return procedure_main(args)
+    if args.command == "load":
+        return load_main(args)
     return 2
 
 

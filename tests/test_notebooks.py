@@ -1,4 +1,4 @@
-"""The procedure notebooks, executed: papermill runs (00, 01, 05 in the kernel; 02, 03, 04 attached to
+"""The procedure notebooks, executed: papermill runs (00, 01, 05, 08 in the kernel; 02, 03, 04 attached to
 separate node processes passed as endpoints) and testbook tests of their contracts.
 
 02/03/04 run against nodes in network namespaces started from the deployment files
@@ -58,6 +58,17 @@ def test_parameters_contract():
     assert {"namespace", "label_selector", "pods"} <= set(parameters("03_k3s"))
     assert parameters("04_hosts")["hosts"][0] == "beam00.lab"
     assert {"ttl", "kill_after", "call_timeout"} <= set(parameters("05_selection_and_failover"))
+    p08 = parameters("08_load")
+    assert {
+        "endpoints",
+        "rate",
+        "duration",
+        "services",
+        "strategies",
+        "p99_bound_ms",
+        "max_error_rate",
+    } <= set(p08)
+    assert p08["endpoints"] == []  # a lab in the kernel unless given
 
 
 def test_provider_that_never_readvertises_fails_the_run():
@@ -109,6 +120,26 @@ def test_05_selection_and_failover(tmp_path):
     report = check_run(run_procedure("05", output_dir=tmp_path, html=False))
     assert {c["group"] for c in report["checks"]} == {"Provider Selection", "Failover"}
     assert report["metrics"]["failover_rows"]
+
+
+def test_08_load(tmp_path):
+    """Small defaults: a 1.5 s open-loop run, a two-step saturation search, a short closed loop."""
+    small = {
+        "rate": 100,
+        "duration": 1.5,
+        "warmup": 0.5,
+        "saturation_rates": [50, 200],
+        "refine": 0,
+        "step_duration": 1.0,
+        "p99_bound_ms": 2000,  # generous: a verdict either way passes; this checks the plumbing
+        "closed_loop_workers": 4,
+    }
+    report = check_run(run_procedure("08", small, output_dir=tmp_path, html=False), 5)
+    assert {c["group"] for c in report["checks"]} == {"Load testing"}
+    run = report["metrics"]["load_run"]
+    assert run["sent"] == 150 and run["p99_ms"] >= run["uncorrected_p99_ms"]
+    assert [r["rate"] for r in report["metrics"]["saturation"]] == [50, 200]
+    assert report["metrics"]["closed_loop"]["ok"] > 0
 
 
 # ----------------------------------------------- attached (02, 03, 04)

@@ -38,7 +38,12 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def manifests() -> list[Path]:
-    return sorted(p for p in K3S.rglob("*.yaml") if p.name != "kustomization.yaml" and "certs" not in p.parts)
+    # k3s/monitoring/ holds Prometheus and Grafana files (made into ConfigMaps by its kustomization)
+    return sorted(
+        p
+        for p in K3S.rglob("*.yaml")
+        if p.name != "kustomization.yaml" and "certs" not in p.parts and "monitoring" not in p.parts
+    )
 
 
 def documents(path: Path) -> list[dict]:
@@ -159,6 +164,8 @@ def test_kustomize_build_output_is_valid_kubernetes(k3s_with_certs: Path, overla
     expected = ["Namespace", "Secret", "Secret", "Service", "Service", "StatefulSet"]
     if overlay == "jupyter":
         expected = sorted([*expected, "Deployment", "Role", "RoleBinding", "ServiceAccount"])
+    if overlay == ".":  # and the monitoring ConfigMaps (k3s/monitoring/)
+        expected = sorted([*expected, "ConfigMap", "ConfigMap"])
     assert kinds == expected
     for doc in docs:
         validate(doc, KUBERNETES_VERSIONS[-1])
@@ -182,6 +189,19 @@ def test_kustomize_build_output_is_valid_kubernetes(k3s_with_certs: Path, overla
         volumes = deployment["spec"]["template"]["spec"]["volumes"]
         assert volumes[0]["secret"]["secretName"] == secrets["macula-lab"]["metadata"]["name"]
         assert volumes[0]["secret"]["items"] == [{"key": "ca.pem", "path": "ca.pem"}]  # no node keys
+
+
+def test_monitoring_configmaps_carry_the_rules_and_the_dashboard(k3s_with_certs: Path):
+    docs = {d["metadata"]["name"]: d for d in kustomize(k3s_with_certs) if d["kind"] == "ConfigMap"}
+    rules = docs["macula-prometheus-rules"]["data"]
+    for name in ("alerts.yaml", "recording.yaml"):
+        assert rules[name] == (K3S / "monitoring/prometheus" / name).read_text()
+    dashboard = docs["macula-grafana-dashboard"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["data"]["macula-lab.json"] == (K3S / "monitoring/grafana/macula-lab.json").read_text()
+    [sts] = documents(K3S / "nodes/statefulset.yaml")
+    annotations = sts["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "8080"
 
 
 # ------------------------------------------------------------------ the pods' environment
