@@ -2,7 +2,7 @@
 
     macula-lab load --rate 500 --duration 10                 # 3 nodes in this process (QUIC on loopback)
     macula-lab load --saturate --p99-bound 50 --duration 5   # steps of rising rate until p99 > 50 ms
-    macula-lab load --attach quic://172.20.0.12:9443 --realm com.test.lab --ca certs/ca.pem --rate 200
+    macula-lab load --attach quic://172.20.0.12:9443 --realm com.test.lab --certs-dir certs --rate 200
     macula-lab load --service math.add=3 --service test.calculator=1 --strategy random --strategy round_robin
 
 The in-process lab is the multi-node testing guide's: node-1 and node-3 provide
@@ -72,6 +72,15 @@ def add_load_parser(sub: Any) -> argparse.ArgumentParser:
     target.add_argument("--realm", default=os.environ.get("MACULA_REALM", "com.test.lab"))
     target.add_argument(
         "--ca", default=os.environ.get("MACULA_CA"), help="lab CA certificate (env MACULA_CA)"
+    )
+    target.add_argument(
+        "--cert",
+        default=os.environ.get("MACULA_CERT"),
+        help="client certificate of the lab CA: `macula-lab certs issue-client NAME` (env MACULA_CERT)",
+    )
+    target.add_argument("--key", default=os.environ.get("MACULA_KEY"), help="its private key (env MACULA_KEY)")
+    target.add_argument(
+        "--certs-dir", default=None, metavar="DIR", help="DIR/ca.pem, DIR/lab.pem and DIR/lab.key"
     )
     target.add_argument("--insecure", action="store_true", help="do not verify the nodes' certificates")
     target.add_argument(
@@ -157,11 +166,22 @@ async def _load(args: argparse.Namespace) -> Any:
     services = _weighted(args.service, "service") or {"math.add": 1.0}
     strategies = _weighted(args.strategy, "strategy")
     if args.attach:
-        if not args.ca and not args.insecure:
-            print("error: give --ca (the lab CA certificate) or --insecure", file=sys.stderr)
+        if not (args.certs_dir or (args.ca and args.cert)) and not args.insecure:
+            print(
+                "error: give the lab CA and a client certificate (--ca, --cert, --key, or --certs-dir), "
+                "or --insecure",
+                file=sys.stderr,
+            )
             return None
         lab = await Lab.attach(
-            args.attach, realm=args.realm, ca=args.ca, insecure=args.insecure, sample_interval=None
+            args.attach,
+            realm=args.realm,
+            ca=args.ca,
+            cert=args.cert,
+            key=args.key,
+            certs=args.certs_dir,
+            insecure=args.insecure,
+            sample_interval=None,
         )
         callers = args.callers
     else:

@@ -324,7 +324,7 @@ async def test_real_prometheus_fires_no_provider_when_the_only_provider_is_kille
         targets[name] = url.netloc
     server = PrometheusServer(tmp_path, targets)
     # node-1 becomes the only provider of watch.me (a lab attached to it advertises it, as node-1)
-    client = await macula_lab.connect(mesh.endpoint("node-1"), realm=mesh.realm, ca=mesh.ca)
+    client = await macula_lab.connect(mesh.endpoint("node-1"), realm=mesh.realm, certs=mesh.certs)
     try:
         await client.advertise("watch.me", lambda args: args, ttl=300)
         await server.start()

@@ -25,6 +25,8 @@ from macula_lab.lab.load import (
     run_load,
 )
 
+from ..conftest import client_args
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -275,12 +277,13 @@ def test_cli_load_in_process_and_saturation(tmp_path, capsys):
 
 async def test_cli_load_attached_to_node_processes(node_processes, certs, tmp_path):
     procs = await node_processes("com.test.load")
-    ca = str(certs["node-1"].ca)
-    client = await macula_lab.connect(procs[0].endpoint, realm="com.test.load", ca=ca)
+    client = await macula_lab.connect(procs[0].endpoint, realm="com.test.load", **client_args(certs))
     try:
         await client.advertise("load.echo", lambda args: args, ttl=60)  # node-1 provides it
         out = tmp_path / "attached.json"
-        argv = ["load", "--attach", procs[1].endpoint, "--realm", "com.test.load", "--ca", ca]
+        c = certs["client2"]
+        argv = ["load", "--attach", procs[1].endpoint, "--realm", "com.test.load"]
+        argv += ["--ca", str(c.ca), "--cert", str(c.cert), "--key", str(c.key)]
         argv += ["--service", "load.echo", "--rate", "40", "--duration", "1", "--warmup", "0.2"]
         argv += ["--json", str(out), "--quiet"]
         assert await asyncio.to_thread(main, argv) == 0
