@@ -1,7 +1,7 @@
 # Two commands for a fresh machine (each builds its own virtual environment):
 #   make demo   - the main job: the local multi-node procedure notebook, end to end
 #   make test   - lint + the whole test suite
-#   make containers - build the image and run docker/compose.yaml with podman (root; tests/test_containers.py)
+#   make containers - build the image and run docker/compose.yaml with podman (root; tests/deploy/test_containers.py)
 VENV   ?= .venv
 PYTHON ?= python3
 BIN     = $(VENV)/bin
@@ -30,7 +30,7 @@ test: lint
 # it fails rather than skips when podman cannot run here
 containers: $(STAMP)
 	sh docker/podman-packages.sh
-	MACULA_REQUIRE_CONTAINERS=1 $(BIN)/pytest tests/test_containers.py -v -p no:cacheprovider
+	MACULA_REQUIRE_CONTAINERS=1 $(BIN)/pytest tests/deploy/test_containers.py -v -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Debian packages for running docker/ with podman (tests/test_containers.py, `make containers`):
+# Debian packages for running docker/ with podman (tests/deploy/test_containers.py, `make containers`):
 # podman, runc (crun refuses cgroups v1 "hybrid" mode), bridge networking (netavark needs
 # iptables; aardvark-dns resolves compose service names) and mmdebstrap for the base image.
 # Installs what is missing when run as root on Debian; otherwise says what to install.

@@ -1,4 +1,4 @@
-"""Podman standing in for a Docker engine, for tests/test_containers.py (and ``make containers``).
+"""Podman standing in for a Docker engine, for tests/deploy/test_containers.py (and ``make containers``).
 
 The node image is built from ``docker/Dockerfile`` and ``docker/compose.yaml``
 is run by Docker Compose (v2) itself, both unchanged.  Everything podman needs

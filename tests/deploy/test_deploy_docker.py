@@ -195,7 +195,7 @@ def test_the_certs_job_script_passes_shellcheck(tmp_path: Path):
 
 
 def test_the_podman_scripts_pass_shellcheck():
-    # docker/podman-packages.sh (what tests/test_containers.py needs) and the CI entry point that runs it
+    # docker/podman-packages.sh (what tests/deploy/test_containers.py needs) and the CI entry point that runs it
     done = run(tool("shellcheck"), str(DOCKER / "podman-packages.sh"), str(REPO / ".ci" / "run"))
     assert done.returncode == 0, done.stdout
 

@@ -37,7 +37,7 @@ import time
 
 import pytest
 
-from ._podman import (
+from .._podman import (
     ADDRESSES,
     LAB_IMAGE,
     NETWORK,

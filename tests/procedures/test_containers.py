@@ -1,7 +1,7 @@
 """containers_behind: which containers serve a procedure's endpoints, and how a report shows it.
 
 Against recorded ``inspect`` output of both engines here; against real podman
-containers in test_containers.py.
+containers in tests/deploy/test_containers.py.
 """
 
 from __future__ import annotations
