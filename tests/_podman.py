@@ -113,7 +113,6 @@ class PodmanRun:
 
     def __init__(self, log: Callable[[str], None] = print, workdir: Path | None = None):
         self.log = log
-        self.t0 = time.monotonic()
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="macula-podman-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "containers.conf").write_text(CONTAINERS_CONF)
@@ -122,11 +121,12 @@ class PodmanRun:
             **os.environ,
             "CONTAINERS_CONF": str(self.dir / "containers.conf"),
             "DOCKER_HOST": f"unix://{self.socket}",
-            "COMPOSE_PROJECT_NAME": PROJECT,
         }
+        self.env.pop("COMPOSE_PROJECT_NAME", None)  # the project is the compose file's name:
         for var in ("MACULA_REALM", "MACULA_ADMIN_TOKEN", "MACULA_SERVICE_TTL", "JUPYTER_TOKEN"):
             self.env.pop(var, None)  # the compose file's defaults, whatever this shell has
         self.service: subprocess.Popen | None = None
+        self._service_log = None
         self.compose_bin: str | None = None
         self._stop = threading.Event()
         self._driver: threading.Thread | None = None
@@ -168,12 +168,13 @@ class PodmanRun:
         version = self.podman("--version").stdout.split()[-1]
         self.compose_bin = os.environ.get("MACULA_COMPOSE") or str(self.fetch_compose())
         compose_version = self.run(self.compose_bin, "version", "--short").stdout.strip()
+        self._service_log = open(self.dir / "service.log", "wb")  # noqa: SIM115 - closed in close()
         self.service = subprocess.Popen(
             ["podman", "system", "service", "--time=0", f"unix://{self.socket}"],
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=open(self.dir / "service.log", "wb"),  # noqa: SIM115 - closed with the process
+            stderr=self._service_log,
         )
         end = time.monotonic() + 15
         while not self.socket.exists():
@@ -463,6 +464,8 @@ class PodmanRun:
                 except subprocess.TimeoutExpired:
                     self.service.kill()
                     self.service.wait(timeout=5)
+            if self._service_log is not None:
+                self._service_log.close()
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
