@@ -134,7 +134,6 @@ def test_a_node_from_the_image_turns_healthy_by_its_own_healthcheck(podman, imag
     """The node reads the volume made above (read-only, as compose mounts it) and the image's
     HEALTHCHECK (``macula-healthcheck`` on /ready) reports it healthy."""
     name = "macula-ci-node"
-    t = time.monotonic()
     podman.podman(
         "run", "-d", "--name", name, "--network", "none", "-v", "macula-lab_ci-certs:/certs:ro",
         "-e", "MACULA_NAME=node-1", "-e", "MACULA_CERTS_DIR=/certs", "-e", "MACULA_HEALTH_LISTEN=0.0.0.0:8080",
@@ -152,7 +151,6 @@ def test_a_node_from_the_image_turns_healthy_by_its_own_healthcheck(podman, imag
     finally:
         podman.podman("rm", "--force", name, check=False)
         podman.podman("volume", "rm", "--force", "macula-lab_ci-certs", check=False)
-    assert time.monotonic() - t < 60
 
 
 # ------------------------------------------------------------------ 2. docker compose up
