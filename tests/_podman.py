@@ -389,6 +389,12 @@ class PodmanRun:
             self.compose("up", "-d", "--no-build", "--pull", "never", profile=profile, timeout=300)
         except PodmanError as exc:
             detail = "\n".join(f"{c}:\n{self.why(c)}" for c in NODES.values() if self.state(c))
+            if "is already used on the host" in str(exc):  # the compose file's fixed 172.20.0.0/16
+                routes = self.run("ip", "-4", "route", check=False).stdout.splitlines()
+                taken = [r for r in routes if r.startswith("172.20.")]
+                detail += (
+                    f"\nroutes in 172.20.0.0/16 on this host (a network-namespace mesh still up?): {taken}"
+                )
             raise PodmanError(f"{exc}\n{detail}") from None
         return time.monotonic() - t
 
