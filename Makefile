@@ -1,12 +1,13 @@
 # Two commands for a fresh machine (each builds its own virtual environment):
 #   make demo   - the main job: the local multi-node procedure notebook, end to end
 #   make test   - lint + the whole test suite
+#   make containers - build the image and run docker/compose.yaml with podman (root; tests/deploy/test_containers.py)
 VENV   ?= .venv
 PYTHON ?= python3
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean containers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,12 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+# the container run alone: Debian's podman (installed when missing, as root) stands in for Docker;
+# it fails rather than skips when podman cannot run here
+containers: $(STAMP)
+	sh docker/podman-packages.sh
+	MACULA_REQUIRE_CONTAINERS=1 $(BIN)/pytest tests/deploy/test_containers.py -v -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

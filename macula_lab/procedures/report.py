@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import MaculaError
+from .containers import describe
 
 REPORT_TAG = "report"
 #: the seed's groups, in its order
@@ -84,6 +85,8 @@ class Report:
     diagnosis: dict[str, Any] | None = None
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
+    #: what the nodes ran in, when known (``containers.containers_behind``: runtime, container names, image ids)
+    deployment: dict[str, Any] = field(default_factory=dict)
 
     # ---------------------------------------------------------- building
     def add(self, check: Check) -> Check:
@@ -99,6 +102,7 @@ class Report:
         self.metrics.update(other.metrics)
         self.notes.extend(other.notes)
         self.diagnosis = self.diagnosis or other.diagnosis
+        self.deployment = self.deployment or other.deployment
         self.parameters = {**other.parameters, **self.parameters}
         return self
 
@@ -142,6 +146,8 @@ class Report:
 
     def text(self) -> str:
         lines = [f"=== {self.summary_line()} ==="]
+        if self.deployment:
+            lines.append(f"ran against {describe(self.deployment)}")
         group = None
         for c in self.ordered():
             if c.group != group:
@@ -195,9 +201,10 @@ class Report:
             )
             errors += f"<p>Diagnosis: <b>{html.escape(self.diagnosis['verdict'])}</b></p><ul>{found}</ul>"
         verdict = colour["PASS" if self.passed else "FAIL"]
+        where = f"<p>ran against {html.escape(describe(self.deployment))}</p>" if self.deployment else ""
         return (
             f"<div class='macula-report'><p style='color:{verdict};font-weight:bold'>"
-            f"{html.escape(self.summary_line())}</p><table><thead><tr><th>status</th><th>check</th>"
+            f"{html.escape(self.summary_line())}</p>{where}<table><thead><tr><th>status</th><th>check</th>"
             f"<th>measured</th><th>evidence</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
             f"{errors}</div>"
         )
@@ -216,6 +223,7 @@ class Report:
             "diagnosis": _jsonable(self.diagnosis),
             "started_at": self.started_at,
             "finished_at": self.finished_at,
+            "deployment": _jsonable(self.deployment),
         }
 
     @classmethod
@@ -241,6 +249,7 @@ class Report:
             d.get("diagnosis"),
             d.get("started_at", 0.0),
             d.get("finished_at"),
+            d.get("deployment") or {},
         )
 
     def to_json(self, **kw: Any) -> str:

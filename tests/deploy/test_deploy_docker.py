@@ -194,6 +194,12 @@ def test_the_certs_job_script_passes_shellcheck(tmp_path: Path):
     assert done.returncode == 0, done.stdout
 
 
+def test_the_podman_scripts_pass_shellcheck():
+    # docker/podman-packages.sh (what tests/deploy/test_containers.py needs) and the CI entry point that runs it
+    done = run(tool("shellcheck"), str(DOCKER / "podman-packages.sh"), str(REPO / ".ci" / "run"))
+    assert done.returncode == 0, done.stdout
+
+
 def test_every_node_env_is_a_valid_node_configuration():
     for spec in compose_nodes():
         config = config_from_env(spec.env).validate()
