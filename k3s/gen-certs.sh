@@ -1,7 +1,9 @@
 #!/bin/sh
 # Make what k3s/nodes/kustomization.yaml's Secrets are generated from, in k3s/nodes/certs/:
-# a lab CA, one certificate per StatefulSet pod (its stable DNS names as SANs)
-# and a random admin token.  Existing files are kept (delete k3s/nodes/certs/ to start over).
+# a lab CA, one certificate per StatefulSet pod (its stable DNS names as SANs), the
+# client certificate a lab attaches with (lab.pem: nodes accept sessions only from
+# holders of a certificate of their CA) and a random admin token.  Existing files are
+# kept (delete k3s/nodes/certs/ to start over).
 #
 #   k3s/gen-certs.sh                                  # namespace macula-test, 3 pods
 #   k3s/gen-certs.sh --ip 192.168.1.50                # + an address clients dial from
@@ -24,7 +26,7 @@ while [ $# -gt 0 ]; do
         --cluster-domain) domain="$2"; shift 2 ;;
         --ip) extra="$extra --ip $2"; shift 2 ;;
         --dns) extra="$extra --dns $2"; shift 2 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "gen-certs.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -43,6 +45,7 @@ while [ "$i" -lt "$replicas" ]; do
     fi
     i=$((i + 1))
 done
+[ -f "$dir/lab.pem" ] || "$lab" certs issue-client lab --dir "$dir"
 if [ ! -f "$dir/admin-token" ]; then
     umask 077
     # no trailing newline: the Secret's value is the token itself

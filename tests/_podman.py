@@ -398,10 +398,14 @@ class PodmanRun:
             raise PodmanError(f"{exc}\n{detail}") from None
         return time.monotonic() - t
 
-    def copy_ca(self, dest: Path) -> Path:
-        """The lab CA from the certs volume (as the README does: ``docker cp macula_node1:/certs/ca.pem``)."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        self.podman("cp", f"{NODES['node-1']}:/certs/ca.pem", str(dest))
+    def copy_certs(self, dest: Path) -> Path:
+        """The lab CA and the lab's client certificate from the certs volume, into ``dest`` (a directory).
+
+        As the README does: ``docker cp macula_node1:/certs/ca.pem`` (and ``lab.pem``, ``lab.key``).
+        """
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("ca.pem", "lab.pem", "lab.key"):
+            self.podman("cp", f"{NODES['node-1']}:/certs/{name}", str(dest / name))
         return dest
 
     # ------------------------------------------------------------------ teardown

@@ -172,7 +172,8 @@ def test_kustomize_build_output_is_valid_kubernetes(k3s_with_certs: Path, overla
         if doc["kind"] != "Namespace":
             assert doc["metadata"]["namespace"] == "macula-test"
     secrets = {d["metadata"]["name"].rsplit("-", 1)[0]: d for d in docs if d["kind"] == "Secret"}
-    assert set(secrets["macula-lab"]["data"]) == {"ca.pem", "admin-token"}  # all a lab gets
+    # all a lab gets: the CA, its client certificate, the token; never a node key
+    assert set(secrets["macula-lab"]["data"]) == {"ca.pem", "lab.pem", "lab.key", "admin-token"}
     assert set(secrets["macula-node-tls"]["data"]) == {
         f"macula-{i}.{ext}" for i in range(3) for ext in ("pem", "key")
     }
