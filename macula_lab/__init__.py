@@ -8,10 +8,14 @@ from .errors import (  # noqa: E402
     CertificateError,
     ConnectFailed,
     ConnectTimeout,
+    IdentityMismatch,
+    InvalidField,
     MaculaError,
     PeerError,
+    QuotaExceeded,
     RealmMismatch,
     RequestTimeout,
+    Unauthenticated,
 )
 from .lab.client import Client, connect  # noqa: E402
 from .lab.lab import Lab  # noqa: E402
@@ -28,7 +32,11 @@ __all__ = [
     "CertificateError",
     "ConnectFailed",
     "ConnectTimeout",
+    "IdentityMismatch",
+    "InvalidField",
     "MaculaError",
+    "QuotaExceeded",
+    "Unauthenticated",
     "Lab",
     "Node",
     "PeerError",
