@@ -26,7 +26,12 @@ from aioquic.quic.connection import QuicConnection
 #: (object, attribute) pairs this module and MaculaProtocol rely on; the compat test checks them all
 RELIED_ON = {
     "QuicConnection": ("_spaces", "_initialize", "tls"),
-    "tls.Context": ("_peer_certificate", "_peer_certificate_chain", "_request_client_certificate"),
+    "tls.Context": (
+        "_peer_certificate",
+        "_peer_certificate_chain",
+        "_request_client_certificate",
+        "_supported_groups",
+    ),
     "QuicPacketSpace": ("ack_at",),
     "QuicConnectionProtocol": ("_quic", "_loop", "_transport", "_closed", "_connected_waiter", "_timer"),
     "QuicServer": ("_transport",),
@@ -54,6 +59,24 @@ def request_client_certificate(quic: QuicConnection) -> None:
     def _initialize(peer_cid: bytes) -> None:
         initialize(peer_cid)
         quic.tls._request_client_certificate = True
+
+    quic._initialize = _initialize
+
+
+def prefer_x25519(quic: QuicConnection) -> None:
+    """Key exchange over X25519: a client offers that one key share, a server prefers it.
+
+    aioquic offers P-256, P-384, X25519 and X448 shares in every ClientHello
+    (four key generations, eight with a QUIC Retry; P-384 alone costs about a
+    millisecond) and a server picks P-256 first.  Every macula-lab peer speaks
+    X25519, the fastest of them; a server still accepts P-256 from others.
+    """
+    initialize = quic._initialize
+
+    def _initialize(peer_cid: bytes) -> None:
+        initialize(peer_cid)
+        groups = [tls.Group.X25519] if quic.configuration.is_client else [tls.Group.X25519, tls.Group.SECP256R1]
+        quic.tls._supported_groups = groups
 
     quic._initialize = _initialize
 

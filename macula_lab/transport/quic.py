@@ -56,8 +56,6 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicErrorCode
-from aioquic.tls import verify_certificate
-from cryptography.hazmat.primitives import hashes
 
 from ..core.codec import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode
 from ..core.endpoint import Endpoint, parse_endpoint
@@ -93,6 +91,7 @@ from .base import (
 from .certs import cert_node_id, load_cert
 from .deadlines import DeadlineQueue
 from .pool import ConnectionPool
+from .verify import TrustedCA, verify_peer
 
 log = logging.getLogger(__name__)
 
@@ -644,8 +643,7 @@ class QuicTransport(Transport):
         # its claimed endpoint's host, that it is the node listening there: requests to that
         # endpoint may use them instead of dialling a connection of our own
         self._verified_incoming: dict[str, MaculaProtocol] = {}
-        self._ca_data: bytes | None = None
-        self._verified: dict[bytes, bytes | MaculaError] = {}  # certificate fingerprint -> bound id
+        self._trusted: TrustedCA | None = None
         self.handler: RequestHandler | None = None
         self.peer_log = QuietLog(log)  # what peers send wrong: counted always, logged now and then
         self.counters = {
@@ -872,15 +870,12 @@ class QuicTransport(Transport):
         if self.tls.cert and self.tls.key:
             config.load_cert_chain(self.tls.cert, self.tls.key)
         if is_client:
-            if self.tls.verify:
-                if not self.tls.ca:
-                    raise ConnectFailed(
-                        "certificate verification needs the lab CA (ca=...); or pass insecure explicitly"
-                    )
-                with open(self.tls.ca, "rb") as f:
-                    config.load_verify_locations(cadata=f.read())
-            else:
-                config.verify_mode = ssl.CERT_NONE  # explicit insecure mode, warned about at construction
+            if self.tls.verify and not self.tls.ca:
+                raise ConnectFailed("certificate verification needs the lab CA (ca=...); or pass insecure explicitly")
+            # the server's certificate is checked by _connect() (verify.verify_peer: once per process
+            # per certificate) as soon as TLS completes, before anything is sent; aioquic still
+            # checks that the server holds the certificate's key (CertificateVerify)
+            config.verify_mode = ssl.CERT_NONE
         return config
 
     # ------------------------------------------------------------ admission
@@ -954,6 +949,7 @@ class QuicTransport(Transport):
     def _incoming_protocol(self, quic: QuicConnection) -> MaculaProtocol:
         proto = MaculaProtocol(quic, owner=self, outgoing=False)
         self._incoming.add(proto)
+        compat.prefer_x25519(quic)
         if self.tls.verify and self.tls.ca:
             compat.request_client_certificate(quic)
         return proto
@@ -1000,7 +996,7 @@ class QuicTransport(Transport):
         if peer.endpoint:
             host = parse_endpoint(peer.endpoint).host
             try:
-                verify_certificate(certificate=cert, chain=chain, server_name=host, cadata=self._ca())
+                verify_peer(cert, chain, ca=self._ca(), server_name=host)
             except Exception:
                 return IdentityMismatch(
                     f"{peer.name or peer.short_id} claims endpoint {peer.endpoint}, "
@@ -1009,30 +1005,33 @@ class QuicTransport(Transport):
         return None
 
     def _verified_id(self, cert: Any, chain: list[Any]) -> bytes | MaculaError:
-        """The node id a certificate of the lab CA binds, chain checked once per certificate."""
-        fingerprint = cert.fingerprint(hashes.SHA256())
-        known = self._verified.get(fingerprint)
-        if known is not None:
-            return known
+        """The node id a certificate of the lab CA binds (chain checked: verify.verify_peer)."""
         try:
-            verify_certificate(certificate=cert, chain=chain, cadata=self._ca())
+            verify_peer(cert, chain, ca=self._ca())
         except Exception as exc:
-            result: bytes | MaculaError = Unauthenticated(f"the client certificate does not verify: {exc}")
-        else:
-            bound = cert_node_id(cert)
-            result = bound if bound else Unauthenticated("the client certificate binds no node id")
-        if len(self._verified) >= 4096:
-            self._verified.pop(next(iter(self._verified)))
-        self._verified[fingerprint] = result
-        return result
+            return Unauthenticated(f"the client certificate does not verify: {exc}")
+        bound = cert_node_id(cert)
+        return bound if bound else Unauthenticated("the client certificate binds no node id")
 
-    def _ca(self) -> bytes:
-        if self._ca_data is None:
+    def _ca(self) -> TrustedCA:
+        if self._trusted is None:
             if not self.tls.ca:
                 raise Unauthenticated("this node has no lab CA to verify peers with")
             with open(self.tls.ca, "rb") as f:
-                self._ca_data = f.read()
-        return self._ca_data
+                self._trusted = TrustedCA(f.read())
+        return self._trusted
+
+    def _check_server_certificate(self, proto: MaculaProtocol, host: str) -> None:
+        """The server we dialled proves it is ``host`` with a certificate of the lab CA (or CertificateError)."""
+        if not self.tls.verify:
+            return
+        cert, chain = compat.peer_certificate(proto._quic)
+        if cert is None:
+            raise CertificateError(f"{proto.endpoint} presented no certificate")
+        try:
+            verify_peer(cert, chain, ca=self._ca(), server_name=host)
+        except Exception as exc:
+            raise CertificateError(f"TLS handshake with {proto.endpoint} failed: {exc}") from None
 
     def check_server_claims(self, proto: MaculaProtocol, peer: PeerInfo) -> None:
         """The server's CONNECT_ACK must claim the id its certificate (verified by TLS) binds."""
@@ -1086,6 +1085,7 @@ class QuicTransport(Transport):
         config = self._config(is_client=True)
         config.server_name = ep.host
         quic = QuicConnection(configuration=config)
+        compat.prefer_x25519(quic)
         sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -1110,6 +1110,7 @@ class QuicTransport(Transport):
             except ConnectionError:
                 raise self.termination_error(proto, proto.terminated) from None
             self.counters["handshakes"] += 1
+            self._check_server_certificate(proto, ep.host)
             await proto.handshake(self.identity, max(0.1, deadline - loop.time()))
         except BaseException:
             proto.abort("handshake failed")

@@ -77,3 +77,14 @@ async def test_protocol_state_helpers(nodes):
     compat.ack_with_next_packet(conn._quic, 0.0)  # no pending ACK or one due now: both fine
     space = conn._quic._spaces[tls.Epoch.ONE_RTT]
     assert space.ack_at is None or space.ack_at == 0.0
+
+
+async def test_key_exchange_is_x25519(nodes):
+    """One key share per ClientHello instead of four (P-384 alone costs about a millisecond)."""
+    a = await nodes("node-1")
+    b = await nodes("node-2")
+    await a.ping(b.endpoint)
+    conn = a.transport.pool.peek(b.endpoint)
+    assert conn._quic.tls._supported_groups == [tls.Group.X25519]
+    [incoming] = [p for p in b.transport._incoming if p.peer and p.peer.node_id == a.node_id]
+    assert incoming._quic.tls._supported_groups[0] == tls.Group.X25519
