@@ -54,6 +54,13 @@ class UnknownStrategy(InvalidField):
 
 
 # ---------------------------------------------------------------- statistics
+#: after a failed attempt a provider is *suspect* this long, doubled for each failure in a
+#: row up to SUSPECT_MAX: calls skip it while another provider is known (negative caching),
+#: so a dead provider still listed in the DHT costs one timeout, not one per call
+SUSPECT_FOR = 5.0
+SUSPECT_MAX = 60.0
+
+
 @dataclass(slots=True)
 class ProviderStat:
     """What a caller has seen of one provider."""
@@ -63,6 +70,8 @@ class ProviderStat:
     calls: int = 0
     failures: int = 0
     selected: int = 0
+    failures_in_a_row: int = 0
+    suspect_until: float = 0.0  # (clock of the caller) see SUSPECT_FOR
 
 
 class ProviderStats:
@@ -88,14 +97,25 @@ class ProviderStats:
         stat.in_flight += 1
         stat.calls += 1
 
-    def finished(self, node_id: bytes, latency: float | None, ok: bool) -> None:
-        """A call to ``node_id`` ended; ``latency`` (s) feeds the EWMA when ``ok``."""
+    def finished(self, node_id: bytes, latency: float | None, ok: bool, now: float | None = None) -> None:
+        """A call to ``node_id`` ended; ``latency`` (s) feeds the EWMA when ``ok``.
+
+        A failure at ``now`` makes the provider suspect (see :data:`SUSPECT_FOR`); a success clears it.
+        """
         stat = self._touch(node_id)
         # clamp: the entry may have been dropped (LRU) while the call was in flight
         stat.in_flight = max(0, stat.in_flight - 1)
         if not ok:
             stat.failures += 1
-        elif latency is not None:
+            stat.failures_in_a_row += 1
+            if now is not None:
+                backoff = min(SUSPECT_MAX, SUSPECT_FOR * 2 ** (stat.failures_in_a_row - 1))
+                stat.suspect_until = now + backoff
+            return
+        if stat.failures_in_a_row:
+            stat.failures_in_a_row = 0
+            stat.suspect_until = 0.0
+        if latency is not None:
             if stat.latency_ewma is None:
                 stat.latency_ewma = latency
             else:
@@ -107,6 +127,11 @@ class ProviderStats:
         stat.selected += 1
         stat.in_flight += 1
         stat.calls += 1
+
+    def suspect(self, node_id: bytes, now: float) -> bool:
+        """Whether ``node_id`` failed recently enough to be skipped while others are known."""
+        stat = self._stats.get(node_id)
+        return stat is not None and stat.suspect_until > now
 
     def record_selection(self, node_id: bytes) -> None:
         """A strategy chose ``node_id`` (counted by the runtime, strategies stay pure)."""
@@ -139,6 +164,7 @@ class ProviderStats:
                 "calls": stat.calls,
                 "failures": stat.failures,
                 "selected": stat.selected,
+                "suspect_for": stat.suspect_until,  # (the caller's clock; the inspector makes it relative)
             }
             for node_id, stat in self._stats.items()
         ]

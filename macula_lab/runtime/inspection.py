@@ -135,9 +135,11 @@ class Inspector:
 
     def _providers(self) -> list[dict[str, Any]]:
         names = self._names()
+        now = self.dht.now()
         rows = self.services.stats.snapshot()
         for row in rows:
             row["provider"] = names.get(row["node_id"]) or row["node_id"][:12]
+            row["suspect_for"] = round(max(0.0, row["suspect_for"] - now), 3)  # seconds left (0: trusted)
         return rows
 
     def _metrics(self, since: float) -> dict[str, Any]:

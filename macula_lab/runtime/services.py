@@ -458,6 +458,11 @@ class Services:
         requeried = False
         while True:
             candidates = [p for p in providers if p.node_id not in excluded] if excluded else providers
+            if len(candidates) > 1 and self.stats:  # providers that failed recently wait their turn
+                now = loop.time()
+                trusted = [p for p in candidates if not self.stats.suspect(p.node_id, now)]
+                if trusted and len(trusted) < len(candidates):
+                    candidates = trusted
             if not candidates or len(attempts) >= allowed:
                 # every provider we knew failed: ask the DHT once more before giving up
                 if requeried:
@@ -490,7 +495,7 @@ class Services:
                 raise
             except (TransportError, PeerError, RealmMismatch, ServiceUnavailable) as exc:
                 took = loop.time() - t0
-                stats.finished(choice.node_id, None, ok=False)
+                stats.finished(choice.node_id, None, ok=False, now=loop.time())
                 label = _label(choice)
                 attempts.append(
                     Attempt(

@@ -199,6 +199,7 @@ def test_stats_selection_counts_and_snapshot():
         "calls": 1,
         "failures": 0,
         "selected": 3,
+        "suspect_for": 0.0,
     }
     assert next(r for r in stats.snapshot() if r["node_id"] == B.hex())["latency_ms"] is None
 
@@ -267,3 +268,26 @@ def test_register_strategy_validates(name, factory):
     with pytest.raises((ValueError, TypeError)):
         register_strategy(name, factory)
     assert "x" not in STRATEGIES
+
+
+# ------------------------------------------------------------ negative caching
+def test_a_failed_provider_is_suspect_for_a_growing_backoff_and_trusted_again_after_a_success():
+    from macula_lab.core.selection import SUSPECT_FOR, SUSPECT_MAX
+
+    stats = ProviderStats()
+    a = b"\x01" * 32
+    assert not stats.suspect(a, 0.0)
+    stats.begin(a)
+    stats.finished(a, None, ok=False, now=100.0)
+    assert stats.suspect(a, 100.0 + SUSPECT_FOR - 0.01) and not stats.suspect(a, 100.0 + SUSPECT_FOR)
+    stats.begin(a)
+    stats.finished(a, None, ok=False, now=200.0)  # again: twice as long
+    assert stats.suspect(a, 200.0 + 2 * SUSPECT_FOR - 0.01)
+    for i in range(10):
+        stats.begin(a)
+        stats.finished(a, None, ok=False, now=300.0 + i)
+    assert stats.suspect(a, 309.0 + SUSPECT_MAX - 0.01) and not stats.suspect(a, 309.0 + SUSPECT_MAX)
+    stats.begin(a)
+    stats.finished(a, 0.001, ok=True)
+    assert not stats.suspect(a, 310.0)  # a success clears it
+    assert stats.snapshot()[0]["failures"] == 12

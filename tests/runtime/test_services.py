@@ -607,3 +607,29 @@ async def test_stop_readvertising_keeps_serving_but_lets_records_lapse(nodes):
     await asyncio.sleep(1.3)  # one TTL, no re-advertisement (0.8 s) happened
     assert "svc.lapse" in n1.services.ads  # still listed and served locally
     assert await n2.discover("svc.lapse", refresh=True) == []
+
+
+# ================================================================== negative caching
+async def test_a_dead_provider_costs_one_timeout_not_one_per_call():
+    """Once, after one failover the cache refreshed from the DHT (where the dead provider's record
+    was still live) and every call waited the whole timeout again."""
+    from macula_lab import Lab
+
+    lab = await Lab.start(4, transport="memory", realm="com.test.suspect", sample_interval=None)
+    try:
+        for name in ("node-1", "node-2"):
+            await lab.node(name).advertise("svc.pair", lambda a, n=name: n)
+        caller = lab.node("node-4")
+        victim = (await caller.call("svc.pair", {}, strategy="first")).value
+        await lab.kill_node(victim)
+        first = await caller.call("svc.pair", {}, strategy="first", timeout=1.0)
+        assert [a.provider for a in first.attempts][0] == victim and first.latency >= 1.0
+        # the DHT still lists the dead provider (its record lives until its TTL)
+        assert victim in {p.metadata["node"] for p in await caller.discover("svc.pair", refresh=True)}
+        for _ in range(3):
+            res = await caller.call("svc.pair", {}, strategy="first", timeout=1.0)
+            assert len(res.attempts) == 1 and res.latency < 0.5, res  # skipped while suspect
+        row = next(r for r in (await caller.inspect(["providers"]))["providers"] if r["provider"] == victim)
+        assert row["suspect_for"] > 0
+    finally:
+        await lab.stop()
