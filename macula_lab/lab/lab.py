@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import html
 import logging
+import random
 import secrets
 import shutil
 import tempfile
@@ -51,6 +52,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LAB_REALM = params.DEFAULT_REALM
 INSPECT_TIMEOUT = 5.0
+#: nodes joining at once while a lab starts: a few at a time keeps the nodes already in the
+#: mesh answering (a QUIC + TLS handshake costs ~10 ms of CPU; 59 at once starved node-1
+#: and joins timed out), while overlapping the round trips of several joins
+JOIN_CONCURRENCY = {"quic": 4, "memory": 16}
+#: how long Lab.start waits for a node that could not join at first (it retries in the background)
+JOIN_TIMEOUT = 30.0
 
 
 class LabError(MaculaError):
@@ -113,6 +120,7 @@ class Lab:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
         self._dashboard: Any = None
+        self._rng = random.Random()
         self.started_at = time.time()
 
     # ------------------------------------------------------------ building
@@ -166,15 +174,40 @@ class Lab:
             sample_interval=sample_interval,
         )
         lab._loop = asyncio.get_running_loop()
+        lab._rng = random.Random(seed)
         try:
             if n:
-                await lab.add_node()  # the first node is everyone's bootstrap
-                await asyncio.gather(*(lab.add_node() for _ in range(n - 1)))
+                await lab.add_node()  # the first node is the bootstrap of the next ones
+                gate = asyncio.Semaphore(JOIN_CONCURRENCY[transport])
+
+                async def join() -> None:
+                    async with gate:
+                        await lab.add_node()
+
+                await asyncio.gather(*(join() for _ in range(n - 1)))
+                await lab.wait_joined()
         except BaseException:
             await lab.stop()
             raise
         lab._start_sampler()
         return lab
+
+    async def wait_joined(self, timeout: float = JOIN_TIMEOUT) -> None:
+        """Wait until every running local node has joined the mesh; else LabError naming each and why.
+
+        Ready means ready: a lab whose nodes answer "not found" because one of
+        them never joined is worse than an error at start.
+        """
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            waiting = [h for h in self._nodes.values() if isinstance(h, LocalNode) and h.running and not h.node.ready]
+            if not waiting:
+                return
+            if loop.time() >= end:
+                why = "; ".join(f"{h.name}: {h.node.dht.last_join_error or 'no contact yet'}" for h in waiting)
+                raise LabError(f"{len(waiting)} node(s) could not join the mesh within {timeout:g}s: {why}")
+            await asyncio.sleep(0.05)
 
     @classmethod
     async def attach(
@@ -279,7 +312,9 @@ class Lab:
             raise LabError(f"a node named {name!r} is already in this lab")
         from ..runtime.node import Node
 
-        bootstrap = [n.endpoint for n in self.running_nodes()][:3]
+        # up to 3 nodes that already joined, at random: joins spread over the mesh, not all on node-1
+        joined = [h.endpoint for h in self._nodes.values() if isinstance(h, LocalNode) and h.node.ready]
+        bootstrap = self._rng.sample(joined, min(3, len(joined)))
         kw = {**self._node_options, **options}
         if self.network is not None:
             node = Node(

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_REFRESH_INTERVAL = 3600.0
+#: acknowledged replicas a publication waits for before returning (the others complete in the background)
+STORE_QUORUM = 3
 MAX_CONTACTS_PER_REPLY = 64
 MAX_VALUES_PER_REPLY = 100
 
@@ -65,9 +67,17 @@ class LookupRecord:
 
 @dataclass
 class StoreResult:
+    """How a publication went: the replicas that acknowledged it so far.
+
+    ``replicas`` grows after :meth:`Dht.store` returned, as the STOREs still
+    under way are acknowledged; ``done`` is set when the last one ended.
+    """
+
     key: bytes
     replicas: list[Contact]  # nodes that acknowledged the STORE (this node included if it is one)
     lookup: LookupResult
+    targets: int = 0  # nodes the STORE was sent to (this node included if it is one)
+    done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
     def count(self) -> int:
@@ -97,6 +107,8 @@ class Dht:
         self.lookups: deque[LookupRecord] = deque(maxlen=500)
         self.rtt = RttEstimator(ceiling=query_timeout)
         self._handed_over: OrderedDict[bytes, None] = OrderedDict()  # newcomers already served
+        #: why the last join attempt found no contact ("" once joined)
+        self.last_join_error = ""
         self.counters = {
             "stores_accepted": 0,
             "stores_refused": 0,
@@ -481,9 +493,10 @@ class Dht:
 
     # ------------------------------------------------------- operations
     async def bootstrap(self, seeds: list[str]) -> int:
-        """Join through ``seeds`` (endpoints): contact them, then look ourselves up.
+        """Join through ``seeds`` (endpoints): contact them, look ourselves up, refresh the far buckets.
 
-        Returns the number of contacts in the routing table afterwards.
+        Returns the number of contacts in the routing table afterwards (0: no seed
+        answered; :attr:`last_join_error` says why).
         """
         for seed in seeds:
             if seed == self.host.endpoint:
@@ -492,11 +505,12 @@ class Dht:
                 async with asyncio.timeout(self.host.connect_timeout + 1):
                     peer = await self.host.connect(seed)
             except Exception as exc:  # one seed's failure, whatever it is: try the next
-                log.warning("%s: bootstrap peer %s not reachable: %s", self.host.name, seed, exc)
+                self.last_join_error = f"bootstrap peer {seed} not reachable: {type(exc).__name__}: {exc}"
+                log.warning("%s: %s", self.host.name, self.last_join_error)
                 continue
             self._observe(Contact(peer.node_id, seed, peer.name))
         if len(self.table):
-            result = await self.lookup(self.host.node_id, kind="bootstrap", patient=True)
+            result = await self.lookup(self.host.node_id, kind="bootstrap", patient=True, width=self.alpha)
             log.info(
                 "%s joined: %d contacts after a self-lookup of %d hops (%d nodes contacted)",
                 self.host.name,
@@ -509,7 +523,9 @@ class Dht:
             # lookups through it cannot reach the rest of the id space.  Only the farthest
             # *empty* ones (the far half, the far quarter): with 200 nodes in one process,
             # refreshing every sparse bucket per join made building the mesh 10x slower.
-            self.host.spawn(self._refresh_far_buckets(), name=f"{self.host.name}:dht-join-refresh")
+            # Part of the join: a node is ready when its table can route anywhere.
+            await self._refresh_far_buckets()
+            self.last_join_error = ""
         return len(self.table)
 
     async def _refresh_far_buckets(self, limit: int = 2) -> None:
@@ -529,26 +545,47 @@ class Dht:
             return True
         return xor_distance(self.host.node_id, key) < xor_distance(closest[self.k - 1].node_id, key)
 
-    async def store(self, key: bytes, entry: ProviderEntry) -> StoreResult:
-        """Store ``entry`` on the k closest nodes to ``key`` (this node too if it is one)."""
+    async def store(self, key: bytes, entry: ProviderEntry, *, quorum: int = STORE_QUORUM) -> StoreResult:
+        """Store ``entry`` on the k closest nodes to ``key`` (this node too if it is one).
+
+        The STOREs go out at once; the call returns when ``quorum`` replicas
+        acknowledged (or every STORE ended): the slowest replica (a handshake
+        under way, a dead contact) no longer decides how long an advertise takes.
+        The rest complete in the background, owned by the host, and keep adding
+        to the result's ``replicas`` (its ``done`` event marks the end).
+        """
         result = await self.lookup(key, kind="store", patient=True)
         targets = result.closest[: self.k]
         local = self._is_replica(key, targets)
         if local and len(targets) >= self.k:
             targets = targets[: self.k - 1]  # we are one of the k: k copies, not k + 1
+        out = StoreResult(key, [], result, targets=len(targets) + int(local))
+        if local and self.records.store(key, entry, self.now()):
+            self._wake_sweeper.set()
+            out.replicas.append(Contact(self.host.node_id, self.host.endpoint, self.host.name))
         wire = entry.to_wire()
-        replies = await asyncio.gather(
-            *(self._request(c, MessageType.STORE, {"key": key, "value": wire}) for c in targets),
-            return_exceptions=True,
-        )
-        replicas = [
-            c for c, r in zip(targets, replies, strict=True) if isinstance(r, Frame) and r.body.get("stored")
-        ]
-        if local:
-            if self.records.store(key, entry, self.now()):
-                self._wake_sweeper.set()
-                replicas.insert(0, Contact(self.host.node_id, self.host.endpoint, self.host.name))
-        return StoreResult(key, replicas, result)
+        pending = {self._store_one(c, key, wire, out) for c in targets}
+        tasks = [t for t in (self.host.spawn(s, name=f"{self.host.name}:store") for s in pending) if t is not None]
+        if not tasks:
+            out.done.set()
+            return out
+        remaining = set(tasks)
+        while remaining and out.count < quorum:
+            finished, remaining = await asyncio.wait(remaining, return_when=asyncio.FIRST_COMPLETED)
+        if remaining:
+            self.host.spawn(_set_when_all(remaining, out.done), name=f"{self.host.name}:store-rest")
+        else:
+            out.done.set()
+        return out
+
+    async def _store_one(self, contact: Contact, key: bytes, wire: dict[str, Any], out: StoreResult) -> None:
+        try:
+            reply = await self._request(contact, MessageType.STORE, {"key": key, "value": wire})
+        except Exception as exc:  # that replica's failure (already recorded by _request)
+            self._note_unexpected(contact, exc)
+            return
+        if reply.body.get("stored"):
+            out.replicas.append(contact)
 
     async def find(self, key: bytes, *, exhaustive: bool = False) -> tuple[list[ProviderEntry], LookupResult]:
         """The live provider entries stored under ``key``.
@@ -736,3 +773,10 @@ def _keep_best(best: dict[bytes, ProviderEntry], entry: ProviderEntry) -> None:
 def provider_key(realm: str, service: str) -> bytes:
     """The DHT key of a service's provider record (realms never share keys)."""
     return service_key(realm, service)
+
+
+async def _set_when_all(tasks: set[asyncio.Task], done: asyncio.Event) -> None:
+    try:
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        done.set()

@@ -338,6 +338,15 @@ class Services:
         if result.count == 0:
             ad.failures += 1
         self._emit(kind, ad.name, replicas=result.count, ttl_s=ad.ttl)
+        done = getattr(result, "done", None)
+        if done is not None and not done.is_set():  # the other replicas are still answering
+            self.host.spawn(self._count_replicas(ad, ad.seq, result), name=f"{self.host.name}:replicas:{ad.name}")
+
+    async def _count_replicas(self, ad: Advertisement, seq: int, result: Any) -> None:
+        """Once every STORE of a publication ended, show how many replicas took it (snapshot, views)."""
+        await result.done.wait()
+        if ad.seq == seq:  # (not a later publication's count)
+            ad.replicas = result.count
 
     async def _readvertise_loop(self, ad: Advertisement) -> None:
         """Republish before expiry, until unadvertise (or the node stops)."""
