@@ -121,7 +121,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, SystemResult]:
     payload = os.urandom(args.payload)
     results = {name: SystemResult(name) for name in args.system_list}
     with tempfile.TemporaryDirectory(prefix="macula-bench-") as tmp:
-        certs = lab_certs(tmp, ["a", "b"])
+        certs = lab_certs(tmp, ["a", "b"], ips=["127.0.0.1"])
         for rnd in range(1, args.rounds + 1):
             # alternate the order so that drift within a round hits both alike
             order = args.system_list if rnd % 2 else list(reversed(args.system_list))

@@ -352,7 +352,7 @@ async def run_all(args: argparse.Namespace, systems: list[str]) -> dict[str, Sys
     payload = os.urandom(args.payload)
     results = {name: SystemResult(name) for name in systems}
     with tempfile.TemporaryDirectory(prefix="macula-bench-") as tmp:
-        certs = lab_certs(tmp, ["a", "b"])
+        certs = lab_certs(tmp, ["a", "b"], ips=["127.0.0.1"])
         for rnd in range(1, args.rounds + 1):
             for name in systems:
                 res = results[name]

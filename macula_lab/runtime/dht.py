@@ -69,19 +69,25 @@ class LookupRecord:
 class StoreResult:
     """How a publication went: the replicas that acknowledged it so far.
 
-    ``replicas`` grows after :meth:`Dht.store` returned, as the STOREs still
-    under way are acknowledged; ``done`` is set when the last one ended.
+    ``replicas`` and ``asked`` grow after :meth:`Dht.store` returned, as the
+    second phase finds the rest of the k closest and they acknowledge;
+    ``done`` is set when the last STORE ended.
     """
 
     key: bytes
     replicas: list[Contact]  # nodes that acknowledged the STORE (this node included if it is one)
     lookup: LookupResult
-    targets: int = 0  # nodes the STORE was sent to (this node included if it is one)
+    asked: list[bytes] = field(default_factory=list)  # ids the STORE went to (this node's if it is one)
     done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
     def count(self) -> int:
         return len(self.replicas)
+
+    @property
+    def targets(self) -> int:
+        """How many nodes the STORE went to so far (this node included if it is one)."""
+        return len(self.asked)
 
 
 class Dht:
@@ -548,35 +554,68 @@ class Dht:
     async def store(self, key: bytes, entry: ProviderEntry, *, quorum: int = STORE_QUORUM) -> StoreResult:
         """Store ``entry`` on the k closest nodes to ``key`` (this node too if it is one).
 
-        The STOREs go out at once; the call returns when ``quorum`` replicas
-        acknowledged (or every STORE ended): the slowest replica (a handshake
-        under way, a dead contact) no longer decides how long an advertise takes.
-        The rest complete in the background, owned by the host, and keep adding
-        to the result's ``replicas`` (its ``done`` event marks the end).
+        In two phases, so that an advertise waits for a few replicas, not for the
+        whole k-wide lookup: a narrow lookup (alpha wide) finds the closest nodes
+        and the call returns once ``quorum`` of them acknowledged; the full k-wide
+        lookup and the STOREs to the rest of the k closest run on in the
+        background, owned by the host.  Each new contact costs a QUIC handshake,
+        so the narrow phase is what keeps the first advertise fast.  The result's
+        ``replicas`` keep growing after the return; its ``done`` event marks the end.
         """
-        result = await self.lookup(key, kind="store", patient=True)
-        targets = result.closest[: self.k]
-        local = self._is_replica(key, targets)
-        if local and len(targets) >= self.k:
-            targets = targets[: self.k - 1]  # we are one of the k: k copies, not k + 1
-        out = StoreResult(key, [], result, targets=len(targets) + int(local))
-        if local and self.records.store(key, entry, self.now()):
+        quorum = max(1, min(quorum, self.k))
+        wire = entry.to_wire()
+        narrow = await self.lookup(key, kind="store", patient=True, width=max(quorum, self.alpha))
+        first = narrow.closest[:quorum]
+        out = StoreResult(key, [], narrow)
+        if self._closer_than(key, first):
+            self._store_here(key, entry, out)
+        tasks = self._send_stores(first, key, wire, out)
+        rest = self.host.spawn(self._store_rest(key, entry, wire, out, tasks), name=f"{self.host.name}:store-rest")
+        if rest is None:  # the node is stopping: nothing runs on in the background
+            out.done.set()
+        pending = set(tasks)
+        while pending and out.count < quorum:
+            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if out.count < quorum:
+            # the closest did not all take it: the write is only as good as the full round
+            await out.done.wait()
+        return out
+
+    async def _store_rest(
+        self, key: bytes, entry: ProviderEntry, wire: dict[str, Any], out: StoreResult, first: list[asyncio.Task]
+    ) -> None:
+        """The second phase: the full lookup, then STOREs to the k closest not yet asked."""
+        try:
+            full = await self.lookup(key, kind="store", patient=True)
+            targets = full.closest[: self.k]
+            out.lookup = full
+            if self._is_replica(key, targets):
+                targets = targets[: self.k - 1]  # we are one of the k: k copies, not k + 1
+                self._store_here(key, entry, out)
+            asked = set(out.asked)
+            later = self._send_stores([c for c in targets if c.node_id not in asked], key, wire, out)
+            await asyncio.gather(*first, *later, return_exceptions=True)
+        finally:
+            out.done.set()
+
+    def _closer_than(self, key: bytes, closest: list[Contact]) -> bool:
+        """Is this node closer to ``key`` than the farthest of ``closest`` (or is that empty)?"""
+        return not closest or xor_distance(self.host.node_id, key) < xor_distance(closest[-1].node_id, key)
+
+    def _store_here(self, key: bytes, entry: ProviderEntry, out: StoreResult) -> None:
+        if self.host.node_id in out.asked:
+            return
+        out.asked.append(self.host.node_id)
+        if self.records.store(key, entry, self.now()):
             self._wake_sweeper.set()
             out.replicas.append(Contact(self.host.node_id, self.host.endpoint, self.host.name))
-        wire = entry.to_wire()
-        pending = {self._store_one(c, key, wire, out) for c in targets}
-        tasks = [t for t in (self.host.spawn(s, name=f"{self.host.name}:store") for s in pending) if t is not None]
-        if not tasks:
-            out.done.set()
-            return out
-        remaining = set(tasks)
-        while remaining and out.count < quorum:
-            finished, remaining = await asyncio.wait(remaining, return_when=asyncio.FIRST_COMPLETED)
-        if remaining:
-            self.host.spawn(_set_when_all(remaining, out.done), name=f"{self.host.name}:store-rest")
-        else:
-            out.done.set()
-        return out
+
+    def _send_stores(
+        self, contacts: list[Contact], key: bytes, wire: dict[str, Any], out: StoreResult
+    ) -> list[asyncio.Task]:
+        out.asked.extend(c.node_id for c in contacts)
+        tasks = (self.host.spawn(self._store_one(c, key, wire, out), name=f"{self.host.name}:store") for c in contacts)
+        return [t for t in tasks if t is not None]
 
     async def _store_one(self, contact: Contact, key: bytes, wire: dict[str, Any], out: StoreResult) -> None:
         try:
@@ -775,8 +814,3 @@ def provider_key(realm: str, service: str) -> bytes:
     return service_key(realm, service)
 
 
-async def _set_when_all(tasks: set[asyncio.Task], done: asyncio.Event) -> None:
-    try:
-        await asyncio.gather(*tasks, return_exceptions=True)
-    finally:
-        done.set()
