@@ -129,7 +129,7 @@ class MaculaSystem(System):
         return MessageType.REPLY, {"result": frame.body["args"]}
 
     def _node(self, name: str) -> QuicTransport:
-        identity = Identity(os.urandom(32), "bench.realm", name)
+        identity = Identity(self.certs[name].node_id, "bench.realm", name)  # the id its certificate binds
         tls = TlsConfig.from_node_cert(self.certs[name])
         return QuicTransport(identity, tls=tls, stream_mode=self.stream_mode)
 
