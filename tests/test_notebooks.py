@@ -22,7 +22,7 @@ from testbook.exceptions import TestbookRuntimeError
 
 from macula_lab.deploy.procs import start_node_process
 from macula_lab.procedures.runner import run_procedure
-from macula_lab.transport.certs import lab_certs
+from macula_lab.transport.certs import issue_client_cert, lab_certs
 
 pytestmark = pytest.mark.slow
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -161,6 +161,7 @@ async def separate_nodes(source: str, tmp_path):
     certs = tmp_path / "certs"
     names = ["node-1", "node-2", "node-3"]
     lab_certs(certs, names)
+    issue_client_cert(certs, "lab")  # lab.pem beside ca.pem: what the notebooks attach with
     procs = []
     try:
         for name in names:

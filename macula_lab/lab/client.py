@@ -102,7 +102,16 @@ async def connect(
 def client_tls(
     *, ca: str | None, cert: str | None, key: str | None, certs: str | os.PathLike | None, insecure: bool
 ) -> TlsConfig:
-    """The TLS files of an attached client (``certs=DIR``: ``ca.pem``, ``lab.pem``, ``lab.key`` there)."""
+    """The TLS files of an attached client (``certs=DIR``: ``ca.pem``, ``lab.pem``, ``lab.key`` there).
+
+    Without ``cert``/``key``, a ``lab.pem``/``lab.key`` pair beside ``ca`` is
+    used: deployments hand labs the three files together (the certs volume of
+    the compose file, the k3s Secret, ``macula-lab certs issue-client``).
+    """
+    if certs is None and ca and not cert and not key and not insecure:
+        beside = os.path.dirname(ca) or "."
+        if os.path.isfile(os.path.join(beside, f"{CLIENT_CERT_NAME}.pem")):
+            certs = beside
     if certs is not None:
         ca = ca or os.path.join(certs, "ca.pem")
         cert = cert or os.path.join(certs, f"{CLIENT_CERT_NAME}.pem")

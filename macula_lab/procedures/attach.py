@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import MaculaError
+from ..errors import CertificateError, InvalidField, MaculaError, RealmMismatch, Unauthenticated
 
 if TYPE_CHECKING:
     from ..lab.lab import Lab
@@ -104,11 +104,15 @@ async def attach_lab(
                 **kw,
             )
         except MaculaError as exc:
-            if (
-                "RealmMismatch" in str(exc)
-                or "Certificate" in type(exc.__cause__).__name__
-                or loop.time() >= end
-            ):
+            # a wrong realm, a refused or missing certificate, a missing file: waiting will not help
+            if isinstance(exc.__cause__, (RealmMismatch, CertificateError, InvalidField)):
+                if isinstance(exc.__cause__, Unauthenticated):
+                    raise type(exc)(
+                        f"{exc}; give the lab a client certificate of the nodes' CA: cert=/key=, or lab.pem "
+                        f"and lab.key beside ca.pem ({ca or 'no ca given'})"
+                    ) from exc.__cause__
+                raise
+            if "RealmMismatch" in str(exc) or loop.time() >= end:
                 raise
             print(f"    waiting for the nodes: {exc}")
             await asyncio.sleep(1.0)

@@ -138,6 +138,8 @@ async def gather_facts(
     consumer: str | None = None,
     endpoints: list[str] | None = None,
     ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
     timeout: float = 2.0,
 ) -> dict[str, Any]:
     """What the rules look at: per node state, reachability, and the service's traces."""
@@ -181,7 +183,7 @@ async def gather_facts(
                 except MaculaError as exc:
                     facts["unreachable"].append(f"{a.name} -> {b.name} ({b.endpoint}): {type(exc).__name__}")
     for url in endpoints or []:
-        await _probe(facts, url, lab.realm, ca, timeout)
+        await _probe(facts, url, lab.realm, ca, timeout, cert=cert, key=key)
     for err in list(lab.errors):
         if "RealmMismatch" in err["error"]:
             facts["realm_mismatch"].append(f"lab error in {err['where']}: {err['error']}")
@@ -199,11 +201,16 @@ async def gather_facts(
     return facts
 
 
-async def _probe(facts: dict[str, Any], url: str, realm: str, ca: str | None, timeout: float) -> None:
+async def _probe(
+    facts: dict[str, Any], url: str, realm: str, ca: str | None, timeout: float, *, cert=None, key=None
+) -> None:
     from ..lab.client import connect
 
     try:
-        client = await connect(url, realm=realm, ca=ca, insecure=ca is None, timeout=timeout, name="diagnose")
+        client = await connect(
+            url, realm=realm, ca=ca, cert=cert or None, key=key or None, insecure=ca is None, timeout=timeout,
+            name="diagnose",
+        )  # fmt: skip
     except RealmMismatch as exc:
         facts["realm_mismatch"].append(f"{url} serves realm {exc.theirs!r}, the lab uses {realm!r}: {exc}")
     except (ConnectTimeout, TimeoutError) as exc:
@@ -335,10 +342,17 @@ async def diagnose(
     consumer: str | None = None,
     endpoints: list[str] | None = None,
     ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
     timeout: float = 2.0,
 ) -> Diagnosis:
-    """Check the Troubleshooting cases against ``lab`` (and ``endpoints`` to probe); see the module docstring."""
-    facts = await gather_facts(lab, service, consumer=consumer, endpoints=endpoints, ca=ca, timeout=timeout)
+    """Check the Troubleshooting cases against ``lab`` (and ``endpoints`` to probe); see the module docstring.
+
+    Probes present ``cert``/``key`` (default: ``lab.pem``/``lab.key`` beside ``ca``), as the lab does.
+    """
+    facts = await gather_facts(
+        lab, service, consumer=consumer, endpoints=endpoints, ca=ca, cert=cert, key=key, timeout=timeout
+    )
     findings = classify(facts)
     if facts["inspect_refused"]:
         findings.append(

@@ -556,7 +556,7 @@ class Dht:
 
         In two phases, so that an advertise waits for a few replicas, not for the
         whole k-wide lookup: a narrow lookup (alpha wide) finds the closest nodes
-        and the call returns once ``quorum`` of them acknowledged; the full k-wide
+        and the call returns once the ``quorum`` closest answered; the full k-wide
         lookup and the STOREs to the rest of the k closest run on in the
         background, owned by the host.  Each new contact costs a QUIC handshake,
         so the narrow phase is what keeps the first advertise fast.  The result's
@@ -573,9 +573,10 @@ class Dht:
         rest = self.host.spawn(self._store_rest(key, entry, wire, out, tasks), name=f"{self.host.name}:store-rest")
         if rest is None:  # the node is stopping: nothing runs on in the background
             out.done.set()
-        pending = set(tasks)
-        while pending and out.count < quorum:
-            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        # every one of the closest few, not any ``quorum`` acks (this node's own copy would count):
+        # a read asks the closest replica first and trusts its answer, so it must hold the record
+        if tasks:
+            await asyncio.wait(tasks)
         if out.count < quorum:
             # the closest did not all take it: the write is only as good as the full round
             await out.done.wait()
@@ -597,6 +598,11 @@ class Dht:
             await asyncio.gather(*first, *later, return_exceptions=True)
         finally:
             out.done.set()
+
+    def _among_closest(self, key: bytes, n: int) -> bool:
+        """Is this node one of the ``n`` closest to ``key`` it knows of (itself included)?"""
+        mine = xor_distance(self.host.node_id, key)
+        return sum(xor_distance(c.node_id, key) < mine for c in self.table.closest(key, n)) < n
 
     def _closer_than(self, key: bytes, closest: list[Contact]) -> bool:
         """Is this node closer to ``key`` than the farthest of ``closest`` (or is that empty)?"""
@@ -638,7 +644,9 @@ class Dht:
         """
         now = self.now()
         local = self.records.get(key, now)
-        if local and not exhaustive:  # we are a replica: no network needed
+        if local and not exhaustive and self._among_closest(key, STORE_QUORUM):
+            # we are one of the few closest, which every store reaches before it returns; a
+            # replica farther out gets its copy in the background and may not have it yet
             self.lookups.append(LookupRecord("find_value", key.hex()[:12], 0, 0, 0, 0.0, True))
             return local, LookupResult(target=key, closest=[], hops=0)
         result = await self.lookup(key, kind="find_value", collect_values=exhaustive)

@@ -832,11 +832,23 @@ class QuicTransport(Transport):
     async def request_session(
         self, node_id: bytes, mtype: MessageType, body: dict[str, Any], *, timeout: float | None = None
     ) -> Frame:
-        for proto in self._incoming:
-            if proto.peer is not None and proto.peer.node_id == node_id and not proto.is_closed:
+        # oldest first: a holder of the same client certificate may open short sessions beside
+        # the long one that advertised (a diagnose probe), and one closing must not fail the call
+        sessions = sorted(
+            (p for p in self._incoming if p.peer is not None and p.peer.node_id == node_id and not p.is_closed),
+            key=lambda p: p.opened_at,
+        )
+        error: ConnectionClosed | None = None
+        for proto in sessions:
+            if proto.is_closed:
+                continue
+            try:
                 reply = await proto.request(mtype, body, self.request_timeout if timeout is None else timeout)
-                return raise_for_error(reply)
-        raise ConnectionClosed(f"no open session from node {node_id.hex()[:12]}")
+            except ConnectionClosed as exc:
+                error = exc
+                continue
+            return raise_for_error(reply)
+        raise error or ConnectionClosed(f"no open session from node {node_id.hex()[:12]}")
 
     def session(self, endpoint: str) -> PeerInfo | None:
         """The peer behind a pooled connection, if one is open."""

@@ -164,8 +164,8 @@ def stack(podman, images, log, tmp_path_factory) -> dict[str, object]:
         + ", ".join(f"{name} {healthy[name]:.1f}s after start" for name in NODES.values())
         + f" ({time.monotonic() - t:.1f}s)"
     )
-    ca = podman.copy_ca(tmp_path_factory.mktemp("compose") / "ca.pem")
-    return {"ca": str(ca), "healthy": healthy}
+    certs = podman.copy_certs(tmp_path_factory.mktemp("compose") / "certs")  # ca.pem, lab.pem, lab.key
+    return {"ca": str(certs / "ca.pem"), "certs": str(certs), "healthy": healthy}
 
 
 def test_three_nodes_are_healthy_and_publish_their_health_ports(podman, stack):

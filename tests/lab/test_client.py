@@ -104,6 +104,37 @@ async def test_a_service_is_relayed_for_one_client_at_a_time(nodes, certs):
         await c2.close()
 
 
+async def test_a_short_session_with_the_same_certificate_does_not_take_the_calls(nodes, certs):
+    """A diagnose probe holds the lab's certificate too: its session opening and closing
+    beside the one that advertised must not make calls to the lab's handler fail."""
+    n1 = await nodes("node-1", realm=REALM)
+    n2 = await nodes("node-2", realm=REALM, bootstrap=[n1.endpoint])
+    lab_client = await macula_lab.connect(n1.endpoint, realm=REALM, **client_args(certs))
+    try:
+        await lab_client.advertise("lab.kept", lambda a: "from the lab")
+        for _ in range(3):
+            probe = await macula_lab.connect(n1.endpoint, realm=REALM, **client_args(certs), name="probe")
+            await probe.close()
+            assert await n2.call("lab.kept", {}, timeout=3.0) == "from the lab"
+    finally:
+        await lab_client.close()
+
+
+async def test_a_client_certificate_beside_the_ca_is_found(nodes, certs, tmp_path):
+    """Deployments hand out ca.pem, lab.pem and lab.key together: ``ca=`` alone is enough."""
+    import shutil
+
+    c = certs["client"]
+    shutil.copy(c.ca, tmp_path / "ca.pem")
+    n1 = await nodes("node-1", realm=REALM)
+    with pytest.raises(CertificateError):  # no client certificate anywhere: refused
+        await macula_lab.connect(n1.endpoint, realm=REALM, ca=str(tmp_path / "ca.pem"))
+    shutil.copy(c.cert, tmp_path / "lab.pem")
+    shutil.copy(c.key, tmp_path / "lab.key")
+    async with await macula_lab.connect(n1.endpoint, realm=REALM, ca=str(tmp_path / "ca.pem")) as client:
+        assert client.node_id == c.node_id  # the identity lab.pem binds
+
+
 async def test_connect_refuses_wrong_realm_and_foreign_ca(nodes, certs, foreign_certs):
     n1 = await nodes("node-1", realm=REALM)
     with pytest.raises(RealmMismatch):
