@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
+import sys
+import time
 
 import nbformat
 import pytest
 
 from macula_lab.cli import main
+from macula_lab.deploy.procs import start_node_process
 from macula_lab.procedures.runner import (
     NOTEBOOK_ENV,
     UnknownProcedure,
@@ -101,3 +106,51 @@ def test_no_report_is_a_failure(tmp_path, monkeypatch):
     run = run_procedure("90", output_dir=tmp_path / "out", html=False)
     assert run.error is None and run.reports == [] and run.exit_code == 1
     assert "no report was recorded" in run.summary()
+
+
+def _procedure_cli(*args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "macula_lab", "procedure", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return r, time.monotonic() - t0
+
+
+# a retry loop would wait out attach_timeout: failing well before it shows there was none
+ATTACH_TIMEOUT = 90
+
+
+@pytest.mark.slow
+def test_missing_ca_file_fails_at_once(tmp_path):
+    r, wall = _procedure_cli(
+        "02_containers", "-p", "ca", "/nonexistent/ca.pem", "-p", "attach_timeout", str(ATTACH_TIMEOUT),
+        "-o", str(tmp_path), "--no-html",
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "ca: no such file /nonexistent/ca.pem" in r.stdout
+    assert "waiting for the nodes" not in r.stdout and wall < ATTACH_TIMEOUT / 2, (wall, r.stdout)
+
+
+@pytest.mark.slow
+async def test_wrong_realm_fails_at_once_naming_both_realms(certs, tmp_path):
+    d = certs["node-6"].ca.parent
+    node = await start_node_process(
+        "node-6",
+        ["--listen", "quic://127.0.0.1:0", "--realm", "com.test.lab", "--certs-dir", str(d), "--health-listen", "127.0.0.1:0"],
+    )
+    try:
+        c = certs["client"]
+        r, wall = await asyncio.to_thread(
+            _procedure_cli,
+            "04_hosts", "-p", "endpoints", json.dumps([node.endpoint]), "-p", "realm", "com.test.beam",
+            "-p", "ca", str(c.ca), "-p", "cert", str(c.cert), "-p", "key", str(c.key),
+            "-p", "attach_timeout", str(ATTACH_TIMEOUT), "-o", str(tmp_path), "--no-html",
+        )
+    finally:
+        await node.stop()
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "'com.test.lab'" in r.stdout and "'com.test.beam'" in r.stdout, r.stdout
+    assert "waiting for the nodes" not in r.stdout and wall < ATTACH_TIMEOUT / 2, (wall, r.stdout)
