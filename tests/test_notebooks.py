@@ -118,7 +118,9 @@ def test_01_local_multi_node(tmp_path):
 
 def test_05_selection_and_failover(tmp_path):
     report = check_run(run_procedure("05", output_dir=tmp_path, html=False))
-    assert {c["group"] for c in report["checks"]} == {"Provider Selection", "Failover"}
+    assert {c["group"] for c in report["checks"]} == {"Provider Selection", "Failover", "Service Advertisement"}
+    [kept] = [c for c in report["checks"] if c["group"] == "Service Advertisement"]
+    assert "lateness max" in kept["evidence"]  # the survivors' timers were judged over the whole run
     assert report["metrics"]["failover_rows"]
 
 
