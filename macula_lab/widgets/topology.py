@@ -68,6 +68,7 @@ class TopologyView(LabView):
             out[info["node_id"]] = {
                 "name": name,
                 "in_lab": True,
+                "running": self.running(name),
                 "endpoint": info.get("endpoint", ""),
                 "contacts": len(snap.get("routing") or []),
                 "records": gauges.get("stored_records", len(snap.get("records") or [])),
@@ -79,6 +80,7 @@ class TopologyView(LabView):
                     out[c["node_id"]] = {
                         "name": c.get("name") or c["node_id"][:8],
                         "in_lab": False,
+                        "running": True,
                         "endpoint": c.get("endpoint", ""),
                         "contacts": None,
                         "records": None,
@@ -87,13 +89,22 @@ class TopologyView(LabView):
         return out
 
     def edges(self) -> set[tuple[str, str]]:
-        """(holder, contact) name pairs: ``holder``'s routing table holds ``contact``."""
-        names = {nid: n["name"] for nid, n in self.nodes().items()}
+        """(holder, contact) name pairs: ``holder``'s routing table holds ``contact``.
+
+        A stopped node has no links: its last snapshot's table is gone with it, and the
+        entries others still hold for it lead nowhere (they time out).
+        """
+        nodes = self.nodes()
+        names = {nid: n["name"] for nid, n in nodes.items()}
+        stopped = {n["name"] for n in nodes.values() if not n["running"]}
         out = set()
         for name, snap in list(self.lab.snapshots.items()):
+            if name in stopped:
+                continue
             for c in snap.get("routing") or []:
-                if not c.get("replacement"):
-                    out.add((name, names.get(c["node_id"], c["node_id"][:8])))
+                contact = names.get(c["node_id"], c["node_id"][:8])
+                if not c.get("replacement") and contact not in stopped:
+                    out.add((name, contact))
         return out
 
     # ------------------------------------------------------------ drawing
@@ -111,7 +122,7 @@ class TopologyView(LabView):
         lab_names = self.lab.names
         ordered = sorted(nodes.values(), key=lambda n: (not n["in_lab"], n["name"]))
         hover = [
-            f"<b>{n['name']}</b><br>{n['endpoint']}"
+            f"<b>{n['name']}</b>{'' if n['running'] else ' (stopped)'}<br>{n['endpoint']}"
             + (
                 f"<br>contacts {n['contacts']} · records {n['records']}"
                 + (f"<br>serves {', '.join(n['services'])}" if n["services"] else "")
@@ -125,10 +136,11 @@ class TopologyView(LabView):
             links.x, links.y = ex, ey
             points.x = [pos[n["name"]][0] for n in ordered]
             points.y = [pos[n["name"]][1] for n in ordered]
-            points.text = [n["name"] for n in ordered]
+            points.text = [n["name"] if n["running"] else f"{n['name']} (stopped)" for n in ordered]
             points.hovertext = hover
             points.marker = {
                 "size": [14 + min(20, 2 * (n["records"] or 0)) for n in ordered],
-                "color": [colour(n["name"], lab_names) if n["in_lab"] else "#ccc" for n in ordered],
+                "color": [colour(n["name"], lab_names) if n["in_lab"] and n["running"] else "#ccc" for n in ordered],
+                "opacity": [1.0 if n["running"] else 0.5 for n in ordered],
                 "line": {"width": [3 if n["services"] else 1 for n in ordered], "color": "#333"},
             }
