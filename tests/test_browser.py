@@ -309,3 +309,44 @@ def test_dashboard_after_a_reload(jupyterlab):
             raise
         finally:
             browser.close()
+
+
+def test_dashboard_after_a_kill(jupyterlab):
+    """A killed node is greyed in the TTL watch and the topology, and no longer a target."""
+    from playwright.sync_api import sync_playwright
+
+    url = jupyterlab.write(
+        "kill.ipynb",
+        SAMPLED_LAB.replace("sample_interval=None", "sample_interval=0.5")
+        + '\nawait lab.node("node-3").advertise("test.calculator", "calculator", ttl=30)\nsnapshots = await lab.sample()',
+        "dash = lab.dashboard()\ndash",
+        'await lab.kill_node("node-3")',
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 2700})
+        page.set_default_timeout(TIMEOUT_MS)
+        try:
+            _run_all(page, url)
+            page.locator(".macula-ttl-ads", has_text="node-3 (stopped)").wait_for()
+            page.locator(".macula-ttl-ads", has_text="not re-advertised").wait_for()
+            page.wait_for_function(
+                "() => { const gd = document.querySelector('.macula-topology .js-plotly-plot');"
+                " const t = gd && gd._fullData && gd._fullData.find(t => t.meta === 'nodes');"
+                " return !!t && t.text.includes('node-3 (stopped)'); }",
+                timeout=TIMEOUT_MS,
+            )
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.macula-call select')[0].options].map(o => o.textContent)"
+                ".join(',') === 'node-1,node-2'",
+                timeout=TIMEOUT_MS,
+            )
+            page.locator(".macula-dashboard").scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "browser-dashboard-after-kill.png"), full_page=True)
+        except Exception:
+            with contextlib.suppress(Exception):
+                page.screenshot(path=str(ARTIFACTS / "browser-dashboard-after-kill-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
