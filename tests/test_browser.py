@@ -350,3 +350,43 @@ def test_dashboard_after_a_kill(jupyterlab):
             raise
         finally:
             browser.close()
+
+
+def test_report_opens_offline_with_its_header_and_plots(tmp_path):
+    """The 01 HTML report: verdict and run header on top, no code, plots drawn, <= 1.5 MB."""
+    from playwright.sync_api import sync_playwright
+
+    from macula_lab.procedures.runner import run_procedure
+
+    run = run_procedure("01", output_dir=tmp_path)
+    assert run.passed, run.summary()
+    size = run.html.stat().st_size
+    assert size <= 1_500_000, f"the report is {size / 1e6:.1f} MB"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        # offline: plotly.js must come from beside the report, not from the network
+        context = browser.new_context(offline=True, viewport={"width": 1200, "height": 1600})
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        try:
+            page.goto(run.html.as_uri())
+            assert page.title() == "01_local_multi_node: PASSED"
+            header = page.locator(".macula-report-header")
+            header.wait_for()
+            text = header.inner_text()
+            for field in ("date", "host", "macula-lab", "git commit", "wall time"):
+                assert field in text, text
+            page.locator(".macula-report-title", has_text="PASSED").wait_for()
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.js-plotly-plot')].some(g => g._fullData && g._fullData.length)",
+                timeout=TIMEOUT_MS,
+            )
+            assert page.locator(".jp-CodeCell .jp-InputArea").count() == 0  # outputs only, no code
+            page.screenshot(path=str(ARTIFACTS / "browser-report-header.png"))
+        except Exception:
+            with contextlib.suppress(Exception):
+                page.screenshot(path=str(ARTIFACTS / "browser-report-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()

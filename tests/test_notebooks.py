@@ -111,7 +111,11 @@ def test_01_local_multi_node(tmp_path):
     run = run_procedure("01", output_dir=tmp_path)
     report = check_run(run, 24)
     assert run.wall < 30, f"the local procedure took {run.wall:.1f}s (kernel start included)"
-    assert run.html.stat().st_size > 0 and json.loads(run.report_json.read_text())["passed"]
+    assert 0 < run.html.stat().st_size <= 1_500_000  # no inline plotly.js, no widget state
+    saved = json.loads(run.report_json.read_text())
+    assert saved["passed"] and saved["version"] and saved["host"] and saved["date"] and "parameters" in saved
+    page = run.html.read_text()
+    assert "<title>01_local_multi_node: PASSED</title>" in page and "macula-report-header" in page
     assert report["metrics"]["network_latency_ms"]["count"] >= 1
     assert report["parameters"]["ttl"] == 3.0
 

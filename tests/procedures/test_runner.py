@@ -154,3 +154,19 @@ async def test_wrong_realm_fails_at_once_naming_both_realms(certs, tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "'com.test.lab'" in r.stdout and "'com.test.beam'" in r.stdout, r.stdout
     assert "waiting for the nodes" not in r.stdout and wall < ATTACH_TIMEOUT / 2, (wall, r.stdout)
+
+
+@pytest.mark.slow
+def test_html_report_header_and_no_input(tmp_path, monkeypatch):
+    tiny(tmp_path, BODY)
+    monkeypatch.setenv(NOTEBOOK_ENV, str(tmp_path / "nbs"))
+    run = run_procedure("90", {"passed": False}, output_dir=tmp_path / "out")
+    page = run.html.read_text()
+    assert "<title>90_tiny: FAILED</title>" in page and "macula-report-header" in page
+    assert "parameter passed" in page and "tiny: FAILED: 0/1 checks passed" in page
+    assert "hl-ipython3" not in page  # no code cells by default (the traceback still quotes the line)
+    saved = json.loads(run.report_json.read_text())
+    assert saved["parameters"] == {"passed": False} and saved["version"] and saved["date"]
+    assert (tmp_path / "out" / "plotly.min.js").is_file()
+    shown = run_procedure("90", output_dir=tmp_path / "with-input", with_input=True)
+    assert "hl-ipython3" in shown.html.read_text()
