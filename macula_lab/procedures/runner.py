@@ -53,6 +53,39 @@ class UnknownProcedure(MaculaError, LookupError):
     code = "unknown_procedure"
 
 
+#: stem -> (one line on what it does, what it needs running elsewhere or None)
+DESCRIPTIONS: dict[str, tuple[str, str | None]] = {
+    "00_quickstart": ("a tour: three nodes in the kernel, the dashboard, diagnose, the checklist", None),
+    "01_local_multi_node": ("three nodes in the kernel: expected output, the whole checklist, metrics", None),
+    "02_containers": (
+        "the checklist against nodes in containers",
+        "nodes in containers (docker compose -f docker/compose.yaml up -d); -p endpoints, ca, admin_token",
+    ),
+    "03_k3s": (
+        "the checklist against the nodes of a k3s StatefulSet",
+        "a k3s cluster running k3s/ (kubectl apply -k k3s/); pods found by label; -p ca, admin_token",
+    ),
+    "04_hosts": (
+        "the checklist against nodes on real hosts",
+        "macula-lab node on each host; -p endpoints (or hosts), realm, ca, admin_token",
+    ),
+    "05_selection_and_failover": ("selection strategies compared; failover while a provider is killed", None),
+    "08_load": ("open-loop load: latency without coordinated omission, saturation", None),
+}
+
+
+def describe_notebook(nb_path: Path) -> tuple[str, str | None]:
+    """(description, needs) for ``--list``: from DESCRIPTIONS, else the notebook's first heading."""
+    if nb_path.stem in DESCRIPTIONS:
+        return DESCRIPTIONS[nb_path.stem]
+    try:
+        cells = json.loads(nb_path.read_text(encoding="utf-8")).get("cells", [])
+        source = "".join(next(c["source"] for c in cells if c.get("cell_type") == "markdown"))
+        return source.splitlines()[0].lstrip("# ").strip(), None
+    except (OSError, ValueError, StopIteration, IndexError, KeyError, TypeError):
+        return "", None
+
+
 def notebook_dirs() -> list[Path]:
     import macula_lab
 
@@ -164,6 +197,7 @@ def run_procedure(
             str(run.executed),
             parameters=dict(parameters or {}),
             kernel_name=kernel,
+            engine_name=_progress_engine(),
             language="python",
             progress_bar=False,
             stdout_file=stream,
@@ -361,7 +395,11 @@ def add_procedure_parser(sub: Any) -> argparse.ArgumentParser:
 def procedure_main(args: argparse.Namespace) -> int:
     if args.list or not args.name:
         for nb in available():
-            print(f"{nb.stem:<28} {nb}")
+            what, needs = describe_notebook(nb)
+            print(f"{nb.stem:<28} {what}")
+            print(f"{'':<28} {'needs ' + needs if needs else 'runs in the kernel, needs nothing else'}")
+        if not args.list:
+            print("\nerror: name a procedure (see above)", file=sys.stderr)
         return 0 if args.list else 2
     try:
         params = {key: parse_value(value) for key, value in args.parameter}
@@ -380,6 +418,37 @@ def procedure_main(args: argparse.Namespace) -> int:
     print()
     print(run.summary(), flush=True)
     return run.exit_code
+
+
+def _progress_engine() -> str:
+    """A papermill engine that says when the kernel starts and which cell runs (``cell N/M``)."""
+    from papermill.engines import NBClientEngine, papermill_engines
+
+    name = "macula-progress"
+    if name in papermill_engines._engines:
+        return name
+
+    class ProgressEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, **kwargs):
+            out = kwargs.get("stdout_file") or sys.stdout
+            code = [i for i, c in enumerate(nb_man.nb.cells) if c.cell_type == "code"]
+            t0 = time.perf_counter()
+            start = nb_man.cell_start
+
+            def cell_start(cell, cell_index=None, **kw):
+                if cell_index in code:
+                    n = code.index(cell_index) + 1
+                    up = f" (kernel up after {time.perf_counter() - t0:.1f}s)" if n == 1 else ""
+                    print(f"--- cell {n}/{len(code)}{up}", file=out, flush=True)
+                return start(cell, cell_index, **kw)
+
+            nb_man.cell_start = cell_start
+            print(f"--- starting the {kernel_name} kernel ...", file=out, flush=True)
+            return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+
+    papermill_engines.register(name, ProgressEngine)
+    return name
 
 
 def _ipc_kernel_manager():

@@ -52,7 +52,14 @@ def test_parse_value():
 
 def test_cli_list_and_unknown(capsys):
     assert main(["procedure", "--list"]) == 0
-    assert "01_local_multi_node" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    lines = listed.splitlines()
+    for stem in PROCEDURES:
+        [i] = [i for i, line in enumerate(lines) if line.startswith(stem + " ")]
+        assert len(lines[i].split(None, 1)) == 2, f"{stem} has no description"
+        needs_nodes = stem[:2] in ("02", "03", "04")
+        assert lines[i + 1].strip().startswith("needs ") == needs_nodes, lines[i + 1]
+    assert "seed" not in listed.lower() and "option" not in listed.lower()
     assert main(["procedure", "nope"]) == 2
 
 
@@ -131,6 +138,8 @@ def test_missing_ca_file_fails_at_once(tmp_path):
     )
     assert r.returncode == 1, r.stdout + r.stderr
     assert "ca: no such file /nonexistent/ca.pem" in r.stdout
+    # progress while the kernel starts, then cell by cell
+    assert "--- starting the python3 kernel" in r.stdout and "--- cell 1/" in r.stdout, r.stdout
     assert "waiting for the nodes" not in r.stdout and wall < ATTACH_TIMEOUT / 2, (wall, r.stdout)
 
 
