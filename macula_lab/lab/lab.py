@@ -114,7 +114,8 @@ class Lab(_sync.AsyncFirst):
         self.snapshots: dict[str, dict[str, Any]] = {}
         self.events = RowLog(maxlen=5000, columns=("at", "node", "kind", "service", "detail"), title="events")
         self.recorder = MetricsRecorder()
-        #: failures of background work (sampling, widget actions): surfaced, never lost
+        #: failures of background work (sampling, view updates, lab tasks): surfaced, never lost;
+        #: a failed call or advertise the user asked for stays with it (its widget, its exception)
         self.errors = RowLog(maxlen=1000, columns=("at", "where", "error"), title="background errors")
         self._listeners: list[Callable[[Lab], None]] = []
         self._event_since: dict[str, float] = {}

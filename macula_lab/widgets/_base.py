@@ -5,8 +5,9 @@ redraws from ``lab.snapshots`` / ``lab.recorder`` (state the lab already holds:
 a view never awaits the network to draw).  Buttons start coroutines with
 :meth:`LabView.run`, which runs them as tasks the lab owns on the lab's loop
 (the kernel's loop in a notebook), keeps the task as ``view.last_task`` (tests
-and cells can await it) and reports the outcome in ``view.status``: an error is
-shown in the widget and recorded in ``lab.errors``, never swallowed.
+and cells can await it) and reports the outcome in ``view.status``: an error of the action is
+shown in the widget (and kept in ``view.last_error``), never swallowed; a bug
+while showing a result is a background error (``lab.errors``).
 """
 
 from __future__ import annotations
@@ -110,10 +111,11 @@ class LabView(w.VBox):
         async def action() -> Any:
             try:
                 result = await make()
-            except Exception as exc:  # shown in the widget and kept in lab.errors, never lost
+            except Exception as exc:
+                # the user's own action failed: shown where it was asked for (and kept in
+                # last_error), not in lab.errors, which holds failures of background work
                 self.last_error = exc
                 self.set_status(f"{what} failed: {error_text(exc)}", ERROR)
-                self.lab.report_error(f"widget {type(self).__name__}: {what}", exc)
                 return None
             finally:
                 for b in buttons:

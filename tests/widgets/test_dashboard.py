@@ -25,11 +25,14 @@ async def test_dashboard_composes_the_views_and_closes_them(lab):
     dash.call.call_button.click()
     assert (await dash.call.last_task).value == {"py": [1, 2]}
     await until(lambda: dash.ttl.advertisement_rows(), what="the TTL watch row")
-    # errors anywhere in the lab are listed under the dashboard
+    # a failed call stays with the call; background failures are listed under the dashboard
     dash.call.service.value = "svc.missing"
     dash.call.call_button.click()
     await dash.call.last_task
-    await until(lambda: "ServiceNotFound" in dash.errors_view.value, what="the error listed")
+    assert "ServiceNotFound" in dash.call.status_text
+    lab.report_error("sampling node-9", TimeoutError("no answer"))
+    await until(lambda: "sampling node-9: TimeoutError" in dash.errors_view.value, what="the error listed")
+    assert "ServiceNotFound" not in dash.errors_view.value
     # running the cell again replaces the dashboard: the first one stops listening
     again = lab.dashboard()
     assert dash.closed and len(lab._listeners) == before + 6
