@@ -54,7 +54,7 @@ def configure_plotly(renderer: str = "plotly_mimetype+notebook") -> None:
     pio.renderers.default = renderer
 
 
-def plot_metrics(lab: Lab, title: str = "Performance metrics (seed)"):
+def plot_metrics(lab: Lab, title: str = "Performance metrics"):
     """Six panels: DHT query latency, RPC round trip, re-advertisement lateness, cache hit ratio,
     provider selection, memory.  Needs plotly and pandas (the ``notebook`` extra)."""
     import plotly.graph_objects as go
