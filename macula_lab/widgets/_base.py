@@ -51,6 +51,22 @@ def pretty(value: Any) -> str:
         return repr(value)
 
 
+def keep_figure_state(figure: Any) -> None:
+    """Make a FigureWidget's synced state (what a new browser view is drawn from) its current figure.
+
+    plotly sends changes as deltas that only views apply (to themselves and to the
+    browser-side model); it refreshes that state itself only when the FigureWidget is
+    displayed on its own, never inside a box.  A view made later (the output scrolled
+    into existence, the tab reloaded, the widget displayed again) was drawn from the
+    state at construction, and the next deltas named traces it did not have: a blank
+    plot, "trace index is out of bounds".  (traitlets sends nothing when unchanged.)
+    """
+    from copy import deepcopy
+
+    figure._widget_data = deepcopy(figure._data)
+    figure._widget_layout = deepcopy(figure._layout_obj._props)
+
+
 class LabView(w.VBox):
     """Base of the lab widgets: a VBox bound to a lab, refreshed after every sampling pass."""
 

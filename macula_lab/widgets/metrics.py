@@ -22,7 +22,7 @@ import ipywidgets as w
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ._base import LabView, colour
+from ._base import LabView, colour, keep_figure_state
 
 if TYPE_CHECKING:
     from ..lab.lab import Lab
@@ -188,6 +188,8 @@ class MetricsDashboard(LabView):
             for trace, values in updates:
                 trace.update(values)
             self.figure.layout.annotations[5].text = f"sizes: {label}"
+        if isinstance(self.figure, go.FigureWidget):
+            keep_figure_state(self.figure)
         self._summarize(data)
 
     def _summarize(self, data: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import plotly.graph_objects as go
 
-from ._base import LabView, colour
+from ._base import LabView, colour, keep_figure_state
 
 if TYPE_CHECKING:
     from ..lab.lab import Lab
@@ -122,6 +122,7 @@ class TopologyView(LabView):
             link_trace, point_trace = self.figure.data
             link_trace.update(links)
             point_trace.update(points)
+        keep_figure_state(self.figure)
 
     def _drawing(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The links' and the nodes' trace values from the latest snapshots."""
