@@ -51,6 +51,28 @@ def pretty(value: Any) -> str:
         return repr(value)
 
 
+def figure_widget(figure: Any = None, **kw: Any) -> Any:
+    """A plotly FigureWidget whose comm opens with its traces and layout already in its state.
+
+    plotly opens the comm first and sends the data as an update right after; a browser
+    that builds the view between the two (a busy page, a re-run cell) drew empty
+    default axes and never the data.  Here the comm opens once the state is complete.
+    """
+    import plotly.graph_objects as go
+
+    class _FigureWidget(go.FigureWidget):
+        _defer_open = True
+
+        def open(self) -> None:
+            if not self._defer_open:
+                super().open()
+
+    widget = _FigureWidget(figure, **kw) if figure is not None else _FigureWidget(**kw)
+    widget._defer_open = False
+    widget.open()
+    return widget
+
+
 def keep_figure_state(figure: Any) -> None:
     """Make a FigureWidget's synced state (what a new browser view is drawn from) its current figure.
 
