@@ -21,6 +21,9 @@ def test_there_are_procedures():
 def test_stripped(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
+    if nb.nbformat_minor >= 5:  # cell ids are part of nbformat 4.5: one missing is a warning today
+        ids = [cell.get("id") for cell in nb.cells]
+        assert all(ids) and len(set(ids)) == len(ids), f"{path.name}: every cell needs a unique id"
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
             assert cell.outputs == [], f"{path.name} cell {i} has outputs: strip them"
