@@ -55,6 +55,11 @@ class CallPanel(LabView):
             options=[DEFAULT_STRATEGY, *STRATEGIES], value=DEFAULT_STRATEGY, description="strategy"
         )
         self.timeout = w.BoundedFloatText(value=5.0, min=0.1, max=120.0, step=0.5, description="timeout (s)")
+        # the cache keeps the providers it found for its TTL: a provider that appeared since is
+        # not chosen until then, unless the DHT is asked again
+        self.fresh = w.Checkbox(value=False, description="fresh discovery (ask the DHT, not the cache)", indent=False)
+        self.cache_info = w.HTML()
+        self.cache_info.add_class("macula-call-cache")
         self.call_button = w.Button(description="call", button_style="success", icon="play")
         self.call_button.add_class("macula-call-button")
         self.call_button.on_click(lambda _b: self.call())
@@ -76,6 +81,8 @@ class CallPanel(LabView):
             self.args_check,
             self.strategy,
             self.timeout,
+            self.fresh,
+            self.cache_info,
             self.call_button,
             self.status,
             self.output,
@@ -121,9 +128,12 @@ class CallPanel(LabView):
             return None
         strategy = None if self.strategy.value == DEFAULT_STRATEGY else self.strategy.value
         timeout = float(self.timeout.value)
+        fresh = bool(self.fresh.value)
 
         async def go() -> CallResult:
             try:
+                if fresh:  # refills the cache from the DHT: the call below chooses among what is there now
+                    await self.lab.node(node).discover(service, refresh=True)
                 return await self.lab.node(node).call(service, args, strategy=strategy, timeout=timeout)
             except Exception as exc:
                 self.result = None
@@ -173,9 +183,25 @@ class CallPanel(LabView):
     # ------------------------------------------------------------ refresh
     def refresh(self) -> None:
         self._sync_node_options(self.node)
+        self._show_cache()
         services = sorted(_known_services(self.lab))
         if list(self.service.options) != services:
             self.service.options = services
+
+
+    def _show_cache(self) -> None:
+        """What the calling node's cache holds for the service: providers, age, time left."""
+        snap = self.lab.snapshots.get(self.node.value or "", {})
+        service = self.service.value.strip()
+        entry = next((e for e in (snap.get("cache") or {}).get("entries", []) if e["service"] == service), None)
+        if entry is None:
+            text = f"{service or 'this service'}: not cached on {self.node.value or 'this node'} (the next call asks the DHT)"
+        else:
+            text = (
+                f"cached on {self.node.value}: {entry['providers']} provider(s), found {entry['age']:.1f} s ago, "
+                f"kept {entry['expires_in']:.1f} s more"
+            )
+        self.cache_info.value = f"<span style='color:#555;font-size:90%'>{html.escape(text)}</span>"
 
 
 def _ms(value: float | None) -> str:

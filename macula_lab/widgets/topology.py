@@ -56,7 +56,7 @@ class TopologyView(LabView):
                 "margin": {"l": 10, "r": 10, "t": 30, "b": 10},
                 "xaxis": axis,
                 "yaxis": {**axis, "scaleanchor": "x"},
-                "title": {"text": "routing tables", "x": 0.5, "font": {"size": 13}},
+                "title": {"text": _title(points), "x": 0.5, "font": {"size": 13}},
                 "plot_bgcolor": "white",
             },
         )  # fmt: skip
@@ -122,6 +122,7 @@ class TopologyView(LabView):
             link_trace, point_trace = self.figure.data
             link_trace.update(links)
             point_trace.update(points)
+            self.figure.layout.title.text = _title(points)
         keep_figure_state(self.figure)
 
     def _drawing(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -159,3 +160,7 @@ class TopologyView(LabView):
             },
         }
         return {"x": ex, "y": ey}, points
+
+
+def _title(points: dict[str, Any]) -> str:
+    return "routing tables" if points["x"] else "routing tables: no data yet (the lab has not been sampled)"

@@ -94,3 +94,25 @@ async def test_strategy_and_service_suggestions(lab, panel):
         panel.call_button.click()
         providers.add((await panel.last_task).provider)
     assert providers == {"node-1", "node-3"} and len(panel.history) == 4
+
+
+async def test_fresh_discovery_finds_a_provider_the_cache_does_not_know(lab, panel):
+    await lab.node("node-1").advertise("svc.fresh", "whoami", ttl=30)
+    panel.service.value, panel.args.value, panel.strategy.value = "svc.fresh", "", "round_robin"
+    panel.call_button.click()
+    assert (await panel.last_task).provider == "node-1"
+    await lab.sample()
+    assert "cached on node-2: 1 provider(s), found " in panel.cache_info.value
+    await lab.node("node-3").advertise("svc.fresh", "whoami", ttl=30)
+    served = set()
+    for _ in range(2):  # the cache still holds node-1 alone
+        panel.call_button.click()
+        served.add((await panel.last_task).provider)
+    assert served == {"node-1"}
+    panel.fresh.value = True
+    for _ in range(2):  # asked again: round robin over both
+        panel.call_button.click()
+        served.add((await panel.last_task).provider)
+    assert served == {"node-1", "node-3"}
+    await lab.sample()
+    assert "cached on node-2: 2 provider(s)" in panel.cache_info.value

@@ -18,13 +18,16 @@ def test_ring_position_is_on_the_unit_circle():
 
 
 async def test_nodes_and_links_follow_the_routing_tables(lab):
+    lab.snapshots.clear()  # as before the first sampling pass
     view = TopologyView(lab)
     try:
+        assert "no data yet" in view.figure.layout.title.text
         full = {(a, b) for a in lab.names for b in lab.names if a != b}
         await until(lambda: view.edges() == full, what="a full mesh of 3")
         links, points = view.figure.data
         assert links.meta == "links" and points.meta == "nodes"
         assert list(points.text) == ["node-1", "node-2", "node-3"]
+        assert view.figure.layout.title.text == "routing tables"
         assert len(links.x) == 3 * 3  # three undirected links, each x0, x1, None
         # the synced state a browser view is drawn from follows the figure (not its first draw)
         assert len(view.figure._widget_data[1]["x"]) == 3 and len(view.figure._widget_data[0]["x"]) == 9
