@@ -33,8 +33,8 @@ class ServeError(MaculaError):
     code = "serve_error"
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def build_parser() -> argparse.ArgumentParser:
+    """The ``macula-lab`` command line (``certs`` has a parser of its own)."""
     parser = argparse.ArgumentParser(
         prog="macula-lab", description="macula-lab: a lab kit for DHT service discovery over QUIC"
     )
@@ -72,17 +72,27 @@ def main(argv: list[str] | None = None) -> int:
     p_ping.add_argument(
         "--insecure", action="store_true", help="do not verify the node's certificate (loudly logged)"
     )
-    p_ping.add_argument("--count", type=int, default=3)
-    p_ping.add_argument("--timeout", type=float, default=5.0)
+    p_ping.add_argument("--count", type=int, default=3, help="PINGs to send (default 3)")
+    p_ping.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for each PING, the first one's handshake included (default 5)"
+    )
     p_demo = sub.add_parser("demo", help="start 3 local node processes and exercise them")
-    p_demo.add_argument("--nodes", type=int, default=3)
+    p_demo.add_argument("--nodes", type=int, default=3, help="node processes to start (default 3)")
     p_demo.add_argument("--keep", action="store_true", help="leave the work directory in place")
-    from .procedures.runner import add_procedure_parser, procedure_main
+    from .procedures.runner import add_procedure_parser
 
     add_procedure_parser(sub)
-    from .lab.load_cli import add_load_parser, load_main
+    from .lab.load_cli import add_load_parser
 
     add_load_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    from .lab.load_cli import load_main
+    from .procedures.runner import procedure_main
 
     if argv and argv[0] == "certs":  # the certs tool has its own parser
         from .transport.certs import certs_cli

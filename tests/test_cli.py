@@ -172,3 +172,17 @@ def test_unknown_serve_kind_stops_the_node_at_startup():
 def _client_flags(certs) -> list[str]:
     c = certs["client"]
     return ["--ca", str(c.ca), "--cert", str(c.cert), "--key", str(c.key)]
+
+
+def test_every_option_has_help():
+    """`-h` explains every option of ping and demo (it listed --count, --timeout and --nodes bare)."""
+    import argparse
+
+    from macula_lab.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("ping", "demo"):
+        for action in subparsers.choices[name]._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings} has no help"
