@@ -369,7 +369,8 @@ def add_procedure_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "procedure",
         help="run a procedure notebook (papermill): executed notebook, HTML report, checklist summary",
-        description=__doc__.split("\n\n")[0],
+        # the module docstring's first paragraph, as plain text (no RST literals in a terminal)
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     p.add_argument("name", nargs="?", help="01, 01_local_multi_node, local_multi_node or a path to a .ipynb")
     p.add_argument(

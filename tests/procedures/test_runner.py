@@ -179,3 +179,10 @@ def test_html_report_header_and_no_input(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "plotly.min.js").is_file()
     shown = run_procedure("90", output_dir=tmp_path / "with-input", with_input=True)
     assert "hl-ipython3" in shown.html.read_text()
+
+
+def test_procedure_help_is_plain_text(capsys):
+    with pytest.raises(SystemExit):
+        main(["procedure", "-h"])
+    shown = capsys.readouterr().out
+    assert "macula-lab procedure NAME -p key value" in shown and "``" not in shown
