@@ -129,6 +129,9 @@ class CallPanel(LabView):
         strategy = None if self.strategy.value == DEFAULT_STRATEGY else self.strategy.value
         timeout = float(self.timeout.value)
         fresh = bool(self.fresh.value)
+        # the previous answer must not pass for this call's while it runs
+        self.result = None
+        self.output.value = f"<i class='macula-call-pending'>calling {html.escape(service)} from {html.escape(node)} ...</i>"
 
         async def go() -> CallResult:
             try:

@@ -28,6 +28,18 @@ def ring_position(node_id_hex: str) -> tuple[float, float]:
     return math.cos(angle), math.sin(angle)
 
 
+def label_positions(points: list[tuple[float, float]]) -> list[str]:
+    """Where each node's name goes: outside the ring, and for nodes close on the ring
+    alternately above and below, so neighbours' names do not print over each other."""
+    order = sorted(range(len(points)), key=lambda i: math.atan2(points[i][1], points[i][0]))
+    out = [""] * len(points)
+    for rank, i in enumerate(order):
+        x, y = points[i]
+        side = "left" if x < -0.3 else ("right" if x > 0.3 else "center")
+        out[i] = f"{'top' if (y >= 0) == (rank % 2 == 0) else 'bottom'} {side}"
+    return out
+
+
 class TopologyView(LabView):
     """``figure`` (plotly FigureWidget); ``nodes()`` and ``edges()`` give what is drawn."""
 
@@ -47,7 +59,7 @@ class TopologyView(LabView):
                     showlegend=False, meta="links", **links,
                 ),
                 go.Scatter(
-                    mode="markers+text", textposition="top center", hovertemplate="%{hovertext}<extra></extra>",
+                    mode="markers+text", hovertemplate="%{hovertext}<extra></extra>",
                     name="nodes", showlegend=False, meta="nodes", **points,
                 ),
             ],
@@ -150,6 +162,7 @@ class TopologyView(LabView):
         points = {
             "x": [pos[n["name"]][0] for n in ordered],
             "y": [pos[n["name"]][1] for n in ordered],
+            "textposition": label_positions([pos[n["name"]] for n in ordered]),
             "text": [n["name"] if n["running"] else f"{n['name']} (stopped)" for n in ordered],
             "hovertext": hover,
             "marker": {

@@ -34,6 +34,8 @@ async def test_call_shows_result_provider_and_latency(lab, panel):
     ] and "macula-call-history" in panel.history_view.value
     assert panel.history[-1]["how"] == "looked up in the DHT"
     panel.call_button.click()
+    # while it runs, the previous answer is gone
+    assert "macula-call-pending" in panel.output.value and panel.result is None
     assert (await panel.last_task).cache_hit and panel.history[-1]["how"] == "cache hit"
     assert "cache hit" in panel.history_view.value
     # the engine saw the call: node-2's provider statistics count it

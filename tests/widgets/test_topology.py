@@ -41,3 +41,15 @@ async def test_nodes_and_links_follow_the_routing_tables(lab):
         assert widths[list(view.figure.data[1].text).index("node-2")] == 3  # a provider is outlined
     finally:
         view.close()
+
+
+def test_neighbours_on_the_ring_get_labels_on_alternate_sides():
+    from macula_lab.widgets.topology import label_positions
+
+    # three nodes a few degrees apart (ids close in XOR space), one across the ring
+    angles = [0.50, 0.52, 0.54, 3.5]
+    points = [(math.cos(a), math.sin(a)) for a in angles]
+    where = label_positions(points)
+    vertical = [p.split()[0] for p in where[:3]]
+    assert vertical[0] != vertical[1] and vertical[1] != vertical[2], where
+    assert where[0].endswith("right") and where[3].endswith("left")
