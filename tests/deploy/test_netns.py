@@ -80,7 +80,7 @@ async def test_compose_nodes_serve_math_add_to_a_lab_in_the_root_namespace(netns
 
     client = await macula_lab.connect(node2.endpoint, realm=mesh.realm, certs=mesh.certs)
     try:
-        # the seed's Option 2: node-2 discovers math.add through the DHT and calls it
+        # the testing guide's container option: node-2 discovers math.add through the DHT and calls it
         await converged(client, "math.add", {"node-1", "node-3"})
         seen = set()
         for i in range(6):

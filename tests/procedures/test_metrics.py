@@ -1,4 +1,4 @@
-"""The seed's metrics from the lab's table, and their plot."""
+"""The testing guide's metrics from the lab's table, and their plot."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Services over real QUIC on loopback (TLS verified): issue 4's "Must show" list.
 
 advertise / re-advertise / discover / call on small meshes built with the
-``nodes`` fixture: the seed's Option 1 scenario, re-advertisement cycles with a
+``nodes`` fixture: the testing guide's local scenario, re-advertisement cycles with a
 scaled TTL while every replica is watched, unadvertise cleanup, the discovery
 cache, provider selection, failover after an abrupt kill, named errors, realm
 isolation and expiry.  (Attached clients, ``macula_lab.connect``, are tested
@@ -61,7 +61,7 @@ async def wait_until(cond: Callable[[], bool], timeout: float, what: str, interv
 
 
 def calculator(node_name: str, received: list | None = None):
-    """The seed's handler: ``{"operation": "add", "a": A, "b": B}`` -> ``{"result": A+B, "node": ...}``."""
+    """The testing guide's handler: ``{"operation": "add", "a": A, "b": B}`` -> ``{"result": A+B, "node": ...}``."""
 
     def handler(args):
         if received is not None:
@@ -112,7 +112,7 @@ def holding(node: Node, key: bytes, provider: Node) -> bool:
     return any(e.node_id == provider.node_id for e in node.dht.get_local(key))
 
 
-# ============================================================ the seed's Option 1
+# ============================================================ the testing guide's local test
 async def test_seed_option1_calculator_two_providers(nodes):
     n1, n2, n3 = await mesh(nodes, ["node-1", "node-2", "node-3"])
     n2.services.trace_calls = True  # successful calls go into the event log too (as the lab's views do)
@@ -142,7 +142,7 @@ async def test_seed_option1_calculator_two_providers(nodes):
     }
     assert answers == {"node-1", "node-3"}
 
-    # the narrative, as the seed's logs tell it
+    # the narrative, as the testing guide's logs tell it
     assert kinds(n1, CALC)[:2] == ["published", "readvertise_scheduled"]
     scheduled = next(e for e in n1.services.events if e.kind == "readvertise_scheduled")
     assert scheduled.detail["every_s"] == 240.0  # "Scheduled re-advertisement ... in 240 seconds"
@@ -476,7 +476,7 @@ async def test_remote_error_names_the_handler_failure_without_trace_unless_debug
     # a handler that raised is not a dead provider: no failover, still cached
     assert "failover" not in kinds(caller, "svc.broken")
     assert [p.node_id for p in await caller.discover("svc.broken")] == [plain.node_id]
-    # an unsupported operation of the seed's calculator, too
+    # an unsupported operation of the testing guide's calculator, too
     await plain.advertise(CALC, calculator("node-1"))
     with pytest.raises(RemoteError) as err:
         await caller.call(CALC, {"operation": "divide", "a": 1, "b": 0})
