@@ -24,6 +24,8 @@ from macula_lab.deploy.procs import start_node_process
 from macula_lab.procedures.runner import run_procedure
 from macula_lab.transport.certs import issue_client_cert, lab_certs
 
+from .strict import STRICT_ENV, strict
+
 pytestmark = pytest.mark.slow
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -110,7 +112,7 @@ def test_00_quickstart(tmp_path):
 def test_01_local_multi_node(tmp_path):
     run = run_procedure("01", output_dir=tmp_path)
     report = check_run(run, 24)
-    assert run.wall < 30, f"the local procedure took {run.wall:.1f}s (kernel start included)"
+    # (its wall time, kernel start included, is judged by bench/procedure.py: a loaded machine is slow)
     assert run.html.stat().st_size > 0 and json.loads(run.report_json.read_text())["passed"]
     assert report["metrics"]["network_latency_ms"]["count"] >= 1
     assert report["parameters"]["ttl"] == 3.0
@@ -145,10 +147,17 @@ def test_08_load(tmp_path):
 # ----------------------------------------------- attached (02, 03, 04)
 @contextlib.asynccontextmanager
 async def separate_nodes(source: str, tmp_path):
-    """Node processes: network namespaces from the deployment files, else loopback processes."""
+    """Node processes: network namespaces from the deployment files, else loopback processes.
+
+    Under MACULA_STRICT=1 (CI) there is no fallback: without namespaces the
+    deployment files would go untested while the run stays green.
+    """
     from macula_lab.deploy.netns import NetnsMesh, unavailable_reason
 
-    if unavailable_reason() is None:
+    reason = unavailable_reason()
+    if reason and strict():
+        pytest.fail(f"network namespaces unavailable ({STRICT_ENV}=1, no loopback fallback): {reason}")
+    if reason is None:
         async with NetnsMesh(source=source) as mesh:
             yield {
                 "endpoints": mesh.endpoints,

@@ -68,6 +68,9 @@ class Invocation:
     provider: str
     args: Any
     at: float
+    #: what the handler returned (what the caller should receive), or the exception it raised
+    result: Any = None
+    error: BaseException | None = None
 
 
 class Context:
@@ -100,8 +103,14 @@ class Context:
         calc = make_handler("calculator", provider)
 
         def handle(args: Any) -> Any:
-            self.invocations.append(Invocation(provider, args, time.time()))
-            return calc(args)
+            inv = Invocation(provider, args, time.time())
+            self.invocations.append(inv)
+            try:
+                inv.result = calc(args)
+            except Exception as exc:
+                inv.error = exc
+                raise
+            return inv.result
 
         return handle
 

@@ -13,6 +13,7 @@ from macula_lab.runtime.inspection import Unauthorized
 from macula_lab.runtime.services import AllProvidersFailed, ServiceNotFound
 
 from ..conftest import client_args, other_tasks
+from ..timing import eventually
 
 REALM = "com.test.lab"
 
@@ -118,7 +119,13 @@ async def test_sampler_builds_the_metrics_table_and_reprs():
         await lab.node("node-1").advertise("svc.m", "echo", ttl=30)
         for _ in range(5):
             await lab.node("node-3").call("svc.m", {"x": 1})
-        await asyncio.sleep(0.3)
+
+        def sampled():  # a sample taken after the 5 calls
+            t = lab.metrics()
+            sel = t[(t.metric == "selected") & (t.node == "node-3")] if len(t) else t
+            return len(sel) and sel["value"].iloc[-1] == 5
+
+        await eventually(sampled, 10, "a sample after the calls")
         table = lab.metrics()
         metrics = set(table["metric"])
         assert {"dht_query_ms", "rpc_rtt_ms", "cache_hit_ratio", "selected", "routing_table_size"} <= metrics

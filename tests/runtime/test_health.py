@@ -14,6 +14,8 @@ import pytest
 
 from macula_lab.runtime.health import HealthServer
 
+from ..timing import eventually
+
 # Never route loopback probes through an HTTP proxy configured in the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -361,8 +363,7 @@ async def test_stop_closes_open_connections_and_leaves_no_tasks(state: State, re
     partial = await asyncio.open_connection("127.0.0.1", srv.port)
     partial[1].write(b"GET /li")
     conns += [idle, partial]
-    await asyncio.sleep(0.05)
-    assert other_tasks(), "handlers should be running"
+    await eventually(other_tasks, 5, "handlers running")
 
     await asyncio.wait_for(srv.stop(), 5)
 

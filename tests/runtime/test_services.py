@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Callable, Sequence
+from itertools import groupby
 
 import pytest
 
 from macula_lab.core.ids import xor_distance
 from macula_lab.core.messages import MessageType
 from macula_lab.core.records import ProviderEntry
-from macula_lab.core.selection import LeastLoadedStrategy, SelectionContext
+from macula_lab.core.selection import LeastLoadedStrategy, RandomStrategy, SelectionContext
 from macula_lab.errors import InvalidField, PeerError, RealmMismatch
 from macula_lab.runtime.node import Node
 from macula_lab.runtime.services import (
@@ -330,6 +331,20 @@ async def test_round_robin_lands_3_3_3_and_first_is_always_the_same(nodes):
 
     # the node's default strategy applies when the call names none
     assert Counter([await rr.call("svc.rr") for _ in range(6)]) == {"node-1": 2, "node-2": 2, "node-3": 2}
+
+
+async def test_random_is_the_default_strategy_and_spreads_calls(nodes):
+    ns = await mesh(nodes, ["node-1", "node-2", "node-3", "node-4"])
+    providers, caller = ns[:3], ns[3]
+    for n in providers:
+        await n.advertise("svc.spread", whoami(n.name))
+    assert len(await caller.discover("svc.spread")) == 3
+    assert isinstance(caller.services.strategy, RandomStrategy)  # no strategy given to the node
+    landed = Counter([await caller.call("svc.spread") for _ in range(90)])
+    # 30 each expected; fewer than 10 has a probability under 1e-5 for any of the three
+    assert set(landed) == {"node-1", "node-2", "node-3"} and min(landed.values()) >= 10, landed
+    runs = max(len(list(g)) for _, g in groupby([await caller.call("svc.spread") for _ in range(30)]))
+    assert runs < 15  # not stuck on one provider for half of a run
 
 
 async def test_least_loaded_prefers_an_idle_provider_over_a_busy_one(nodes):
