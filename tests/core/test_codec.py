@@ -59,6 +59,10 @@ RULED = {
     "name": st.from_regex(r"[a-z0-9][a-z0-9._-]{0,20}", fullmatch=True) | st.just(""),
     "endpoint": st.sampled_from(["", "quic://node-1.lab:9443", "quic://10.0.0.5:9443", "mem://node-2"]),
     "strategy": st.sampled_from(["random", "round_robin", "first", "local_first", "least_loaded"]),
+    "after": st.integers(0, 2**63 - 1),
+    "lease": st.floats(0.001, 120.0),
+    "kind": st.sampled_from(["stored", "removed", "expired"]),
+    "events": st.lists(values, max_size=4),
     "metadata": st.dictionaries(st.text(max_size=8), st.integers(-(2**63), 2**63 - 1) | st.text(max_size=8), max_size=4),
 }
 
