@@ -197,6 +197,8 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
     MessageType.SERVICE_WATCH: {
         "id": REQ_ID,
         "service": SERVICE,
+        # chosen by the client, so events that overtake this reply find their watch
+        "watch": checked(INT, params.check_watch_index),
         "after": optional(checked(INT, params.check_watch_index)),  # resume after this index
     },
     MessageType.SERVICE_WATCH_REPLY: {"id": REQ_ID, "watch": INT},

@@ -302,6 +302,13 @@ class SubscriberTable:
         self._total -= 1
         return True
 
+    def drop_peer(self, node_id: bytes) -> int:
+        """End every subscription of ``node_id`` (a push to it failed)."""
+        keys = [key for key, subs in self._by_key.items() if node_id in subs]
+        for key in keys:
+            self.unsubscribe(key, node_id)
+        return len(keys)
+
     def subscribers(self, key: bytes, now: float) -> list[Subscriber]:
         """The live subscribers under ``key`` (expired leases are dropped on the way)."""
         subs = self._by_key.get(key)

@@ -60,6 +60,7 @@ RULED = {
     "endpoint": st.sampled_from(["", "quic://node-1.lab:9443", "quic://10.0.0.5:9443", "mem://node-2"]),
     "strategy": st.sampled_from(["random", "round_robin", "first", "local_first", "least_loaded"]),
     "after": st.integers(0, 2**63 - 1),
+    "watch": st.integers(0, 2**63 - 1),
     "lease": st.floats(0.001, 120.0),
     "kind": st.sampled_from(["stored", "removed", "expired"]),
     "events": st.lists(values, max_size=4),

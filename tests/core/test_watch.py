@@ -125,7 +125,7 @@ def test_watch_messages_are_checked_at_the_edge():
     with pytest.raises(CodecError):
         encode(MessageType.WATCH_EVENT, {**ev, "kind": "exploded"})
     with pytest.raises(CodecError):
-        encode(MessageType.SERVICE_WATCH, {"id": new_id(), "service": "svc", "after": -1})
+        encode(MessageType.SERVICE_WATCH, {"id": new_id(), "service": "svc", "watch": 1, "after": -1})
     with pytest.raises(CodecError):
         encode(MessageType.SERVICE_EVENT, {"id": new_id(), "watch": 1, "events": [{}] * 1000})
 
