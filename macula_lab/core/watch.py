@@ -329,3 +329,36 @@ class SubscriberTable:
 
     def stats(self) -> dict[str, int]:
         return {"watch_subscriptions": self._total, "watch_keys": len(self._by_key), "watch_refused": self.refused}
+
+
+class WatchLog:
+    """What a watch panel shows: the latest changes (newest first) and the provider set they describe."""
+
+    def __init__(self, max_rows: int = 200):
+        self.rows: deque[dict[str, Any]] = deque(maxlen=max_rows)
+        self.providers: dict[str, Provider] = {}  # node id hex -> provider
+        self.index: int | None = None
+        self.counts: dict[str, int] = dict.fromkeys(KINDS, 0)
+
+    def apply(self, event: WatchEvent) -> None:
+        self.counts[event.kind] = self.counts.get(event.kind, 0) + 1
+        self.index = event.index
+        if event.kind == "reset":
+            self.providers = {p.node_id: p for p in event.providers}
+            names = ", ".join(sorted(p.name for p in event.providers)) or "none"
+            self.rows.appendleft(self._row(event, f"{len(event.providers)} providers: {names}", ""))
+            return
+        p = event.provider
+        assert p is not None
+        if event.kind in ("added", "updated"):
+            self.providers[p.node_id] = p
+        else:
+            self.providers.pop(p.node_id, None)
+        self.rows.appendleft(self._row(event, p.name, p.endpoint))
+
+    @staticmethod
+    def _row(event: WatchEvent, provider: str, endpoint: str) -> dict[str, Any]:
+        return {"index": event.index, "kind": event.kind, "provider": provider, "endpoint": endpoint, "at": event.at}
+
+    def current(self) -> list[Provider]:
+        return sorted(self.providers.values(), key=lambda p: p.name)

@@ -135,3 +135,17 @@ def test_provider_from_wire_refuses_garbage():
     assert Provider.from_wire(p.to_wire()) == p
     with pytest.raises(CodecError):
         Provider.from_wire({"node_id": "x"})
+
+
+def test_watch_log_keeps_the_newest_rows_and_the_set_they_describe():
+    from macula_lab.core.watch import WatchLog
+
+    s = ProviderSet("svc", base=0)
+    log = WatchLog(max_rows=3)
+    log.apply(s.reset())
+    for ev in (s.observe(entry(1), 0.0), s.observe(entry(2), 0.0), s.left(entry(1).node_id, 1, "expired")):
+        log.apply(ev)
+    assert [r["kind"] for r in log.rows] == ["expired", "added", "added"]  # newest first, bounded
+    assert [p.name for p in log.current()] == ["node-2"] and log.index == 3
+    log.apply(s.reset())
+    assert log.rows[0]["provider"] == "1 providers: node-2" and log.counts["reset"] == 2
