@@ -66,3 +66,12 @@ def test_lab_start_bench_starts_both_transports(tmp_path):
         assert run["found"] == run["lookups"] == 20, case
         assert run["bootstrap_timeouts"] == 0, case
         assert run["start_s"] > 0 and run["first_advertise_ms"] > 0, case
+
+
+def test_watch_bench_measures_both_transports(tmp_path):
+    doc = run_bench("watch", tmp_path, "--nodes", "6", "--watchers", "2", "--changes", "4")
+    assert [r["transport"] for r in doc["results"]] == ["quic", "memory"]
+    for r in doc["results"]:
+        assert "error" not in r, r
+        assert r["samples"] == 8 and r["missed"] == r["duplicates"] == 0, r
+        assert 0 < r["p50"] <= r["p99"], r
