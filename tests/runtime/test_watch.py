@@ -15,7 +15,9 @@ import pytest
 
 from macula_lab.core.ids import service_key, xor_distance
 from macula_lab.core.watch import WatchEvent
+from macula_lab.runtime.prometheus import node_registry
 
+from .test_prometheus import scrape, value
 from .test_services import mesh, wait_until
 
 R = "com.test.watch"
@@ -79,6 +81,12 @@ async def test_added_removed_and_expired_are_pushed_to_a_watcher_that_is_no_repl
         assert watcher.watches.counters["pushes_received"] >= 4
         assert watcher.watches.counters["missed_by_push"] == 0
         assert current(log) == set()
+        metrics = scrape(node_registry(watcher))
+        assert value(metrics["macula_watches"], "macula_watches") == 1
+        assert value(metrics["macula_watch_missed_by_push"], "macula_watch_missed_by_push_total") == 0
+        replica = scrape(node_registry(by_distance(ring)[0]))
+        assert value(replica["macula_watch_subscriptions"], "macula_watch_subscriptions") >= 1
+        assert value(replica["macula_watch_pushes_sent"], "macula_watch_pushes_sent_total") >= 1
     finally:
         watch.close()
         await asyncio.wait_for(task, 5)  # closing ends the iteration
