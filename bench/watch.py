@@ -61,6 +61,7 @@ async def one_case(transport: str, n: int, watchers: int, changes: int, deadline
         advertising: set[str] = set()
         samples: list[float] = []
         missed = duplicates = 0
+        missed_detail: list[str] = []
         for i in range(changes):
             who = rng.choice(providers)
             kind = "removed" if who in advertising else "added"
@@ -86,6 +87,8 @@ async def one_case(transport: str, n: int, watchers: int, changes: int, deadline
                     samples.append(got[0] - t0)
                 else:
                     missed += 1
+                    missed_detail.append(f"change {i}: {kind} {who} not seen by {w}")
+                    log(f"  {transport}: MISSED {missed_detail[-1]}")
             for w in watching:  # what was consumed for this change: each watcher saw it at most once
                 duplicates += max(0, len(seen(arrived[w], kind, who, t0)) - 1)
                 arrived[w] = [x for x in arrived[w] if x[0] < t0 or not (x[1] == kind and x[2] == who)]
@@ -109,6 +112,7 @@ async def one_case(transport: str, n: int, watchers: int, changes: int, deadline
             "missed": missed,
             "duplicates": duplicates,
             "caught_by_reads": by_push,
+            "missed_detail": missed_detail,
         }
     finally:
         await lab.stop()

@@ -221,7 +221,8 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
     MessageType.REMOVE: {"id": REQ_ID, "key": NODE_ID, "provider": NODE_ID},
     MessageType.REMOVE_REPLY: {"id": REQ_ID, "removed": BOOL},
     MessageType.WATCH: {"id": REQ_ID, "key": NODE_ID, "lease": checked(SECONDS, params.check_watch_lease)},
-    MessageType.WATCH_REPLY: {"id": REQ_ID, "lease": SECONDS, "value": LIST},
+    # removed: [provider, seq] of the advertisements this replica saw removed (its tombstones)
+    MessageType.WATCH_REPLY: {"id": REQ_ID, "lease": SECONDS, "value": LIST, "removed": optional(LIST)},
     MessageType.WATCH_EVENT: {
         "id": REQ_ID,
         "key": NODE_ID,

@@ -231,6 +231,10 @@ class RecordStore:
         """Live entries under ``key``, in first-stored order."""
         return [e for e in self._data.get(key, {}).values() if e.live(now)]
 
+    def removed(self, key: bytes, now: float) -> list[tuple[bytes, int]]:
+        """(provider, seq) of the advertisements removed under ``key`` whose tombstones still stand."""
+        return [(p, t.seq) for (k, p), t in self._tombstones.items() if k == key and t.until > now]
+
     def next_expiry(self) -> float | None:
         """When the next entry expires (for the driver's timer), or None."""
         while self._heap:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,20 +180,38 @@ class ProviderSet:
         self._seen_at.pop(node_id, None)
         return self._emit(kind, current)
 
-    def reconcile(self, entries: Iterable[ProviderEntry], started: float, now: float) -> list[WatchEvent]:
+    def reconcile(
+        self,
+        entries: Iterable[ProviderEntry],
+        started: float,
+        now: float,
+        *,
+        removed: Mapping[bytes, int] | None = None,
+        complete: bool = True,
+    ) -> list[WatchEvent]:
         """A read that started at ``started`` found ``entries``: what changed.
 
-        A provider missing from the read has left only if nothing showed it
-        present since the read started (a push can overtake a read).
+        ``removed``: provider -> the highest seq a replica saw removed (its
+        tombstones).  A read merges replicas by union, and one that missed a
+        REMOVE still holds the entry: the others' tombstones take it out.
+        A provider missing from the read has left only if the read is
+        ``complete`` (a replica answered) and nothing showed it present since
+        the read started (a push can overtake a read).
         """
         events = []
+        for node_id, seq in (removed or {}).items():
+            ev = self.left(node_id, seq, "removed")
+            if ev is not None:
+                events.append(ev)
+        gone = removed or {}
+        entries = [e for e in entries if e.seq > gone.get(e.node_id, -1)]
         found = set()
         for entry in entries:
             found.add(entry.node_id)
             ev = self.observe(entry, now)
             if ev is not None:
                 events.append(ev)
-        for node_id, entry in list(self.present.items()):
+        for node_id, entry in list(self.present.items()) if complete else ():
             if node_id in found or self._seen_at.get(node_id, -1.0) > started:
                 continue
             expired = entry.expires_at is not None and entry.expires_at <= now + EXPIRY_SLACK

@@ -263,16 +263,14 @@ class Watches:
             while True:
                 started = self.host.now()
                 try:
-                    entries, complete, failed = await self._read(sw)
+                    entries, removed, complete, failed = await self._read(sw)
                 except Exception as exc:  # a failed read is retried soon; the watch goes on
                     self.counters["read_failures"] += 1
                     log.debug("%s: watch read of %s failed: %s", self.host.name, sw.set.service, exc)
-                    entries, complete, failed = [], False, 1
+                    entries, removed, complete, failed = [], {}, False, 1
                 now = self.host.now()
-                if complete:
-                    events = sw.set.reconcile(entries, started, now)
-                else:  # no replica answered: what we saw is there, but absence proves nothing
-                    events = [e for e in (sw.set.observe(x, now) for x in entries) if e is not None]
+                # no replica answered (not complete): what we saw is there, but absence proves nothing
+                events = sw.set.reconcile(entries, started, now, removed=removed, complete=complete)
                 first = not sw.ready.is_set()
                 sw.reads += 1
                 self.counters["reads"] += 1
@@ -294,8 +292,9 @@ class Watches:
                 del self._services[sw.key]
             sw.end()
 
-    async def _read(self, sw: _ServiceWatch) -> tuple[list[ProviderEntry], bool, int]:
-        """Subscribe at the closest replicas; their sets merged with ours, whether any answered, failures."""
+    async def _read(self, sw: _ServiceWatch) -> tuple[list[ProviderEntry], dict[bytes, int], bool, int]:
+        """Subscribe at the closest replicas: their sets merged with ours (best per provider), the
+        removals they saw (tombstones, see ProviderSet.reconcile), whether any answered, failures."""
         key = sw.key
         async with asyncio.timeout(self.timeout + 8 * self.dht.query_timeout):
             result = await self.dht.lookup(key, width=max(SUBSCRIBE_FANOUT, self.dht.alpha))
@@ -306,6 +305,7 @@ class Watches:
         replies = await asyncio.gather(*(self._subscribe(c.endpoint, key) for c in closest), return_exceptions=True)
         now = self.host.now()
         best: dict[bytes, ProviderEntry] = {}
+        removed: dict[bytes, int] = {}  # provider -> highest seq a replica saw removed
         answered = failed = 0
         for c, reply in zip(closest, replies, strict=True):
             if isinstance(reply, BaseException):
@@ -322,11 +322,14 @@ class Watches:
                 except InvalidField:
                     continue
                 _keep_best(best, replace(entry, expires_at=now + entry.ttl))
+            _tombstones(removed, reply.body.get("removed"))
         for entry in self.dht.get_local(key):
             _keep_best(best, entry)
+        for node_id, seq in self.dht.records.removed(key, now):
+            removed[node_id] = max(seq, removed.get(node_id, seq))
         for node_id in [n for n, until in sw.replicas.items() if until <= now]:
             del sw.replicas[node_id]
-        return list(best.values()), answered > 0 or not closest, failed
+        return list(best.values()), removed, answered > 0 or not closest, failed
 
     async def _subscribe(self, endpoint: str, key: bytes) -> Frame:
         async with asyncio.timeout(self.timeout):
@@ -356,7 +359,8 @@ class Watches:
         now = self.host.now()
         lease = self.subscribers.subscribe(key, peer.node_id, peer.endpoint, frame.body["lease"], now)
         value = [e.to_wire(now) for e in self.dht.get_local(key)[:MAX_VALUES]]
-        return MessageType.WATCH_REPLY, {"lease": lease, "value": value}
+        removed = [[p, seq] for p, seq in self.dht.records.removed(key, now)[:MAX_VALUES]]
+        return MessageType.WATCH_REPLY, {"lease": lease, "value": value, "removed": removed}
 
     def _on_record_change(self, kind: str, key: bytes, entry: ProviderEntry) -> None:
         now = self.host.now()
@@ -430,6 +434,20 @@ class Watches:
             }
             for s in self._services.values()
         ]
+
+
+def _tombstones(removed: dict[bytes, int], items: Any) -> None:
+    """Merge a WATCH reply's [provider, seq] pairs into ``removed`` (malformed ones skipped)."""
+    for item in items[:MAX_VALUES] if isinstance(items, list) else ():
+        if (
+            isinstance(item, list | tuple)
+            and len(item) == 2
+            and isinstance(item[0], bytes)
+            and len(item[0]) == 32
+            and isinstance(item[1], int)
+            and not isinstance(item[1], bool)
+        ):
+            removed[item[0]] = max(item[1], removed.get(item[0], item[1]))
 
 
 def _keep_best(best: dict[bytes, ProviderEntry], entry: ProviderEntry) -> None:

@@ -149,3 +149,32 @@ def test_watch_log_keeps_the_newest_rows_and_the_set_they_describe():
     assert [p.name for p in log.current()] == ["node-2"] and log.index == 3
     log.apply(s.reset())
     assert log.rows[0]["provider"] == "1 providers: node-2" and log.counts["reset"] == 2
+
+
+def test_a_replica_that_missed_a_remove_is_outvoted_by_the_others_tombstones():
+    s = ProviderSet("svc", base=0)
+    s.observe(entry(1, seq=3), 0.0)
+    s.observe(entry(2, seq=1), 0.0)
+    # the union still holds provider 1 (one replica missed the REMOVE); another saw it removed
+    evs = s.reconcile([entry(1, seq=3), entry(2, seq=1)], 1.0, 2.0, removed={entry(1).node_id: 3})
+    assert kinds(evs) == [("removed", "node-1")]
+    assert s.reconcile([entry(1, seq=3), entry(2, seq=1)], 3.0, 4.0, removed={entry(1).node_id: 3}) == []
+    # a tombstone of an older advertisement removes nothing newer
+    s.observe(entry(2, seq=5), 5.0)
+    assert s.reconcile([entry(2, seq=5)], 6.0, 7.0, removed={entry(2).node_id: 1}) == []
+
+
+def test_an_incomplete_read_adds_but_never_removes():
+    s = ProviderSet("svc", base=0)
+    s.observe(entry(1), 0.0)
+    assert kinds(s.reconcile([entry(2)], 1.0, 2.0, complete=False)) == [("added", "node-2")]
+    assert [p.name for p in s.providers()] == ["node-1", "node-2"]
+
+
+def test_record_store_names_the_removed_advertisements_under_a_key():
+    store = RecordStore()
+    e = ProviderEntry(bytes([1]) * 32, "quic://127.0.0.1:9001", {}, 10.0, 4)
+    store.store(KEY, e, 0.0)
+    store.remove(KEY, e.node_id, 1.0)
+    assert store.removed(KEY, 2.0) == [(e.node_id, 4)]
+    assert store.removed(bytes([9]) * 32, 2.0) == [] and store.removed(KEY, 11.0) == []
