@@ -26,6 +26,19 @@ async def drain(watch, log: list[WatchEvent]) -> None:
         log.append(event)
 
 
+async def pending(watch, quiet: float) -> list[WatchEvent]:
+    """The events that arrive until none came for ``quiet`` seconds."""
+    out = []
+    while True:
+        try:
+            event = await watch.next(timeout=quiet)
+        except TimeoutError:
+            return out
+        if event is None:
+            return out
+        out.append(event)
+
+
 async def test_a_client_resumes_after_a_reconnect_and_misses_no_change(nodes, certs):
     n1 = await nodes("node-1", realm=REALM)
     ring = [n1] + [await nodes(f"node-{i}", realm=REALM, bootstrap=[n1.endpoint]) for i in (2, 3, 4)]
@@ -134,3 +147,56 @@ async def test_a_client_runs_a_bounded_number_of_watches(nodes, certs):
         await client.close()
     await wait_until(lambda: node.gateway.client_watches == {}, 10, "the client's watches ended with its session")
     assert Counter(w.closed for w in watches) == Counter({True: MAX_WATCHES_PER_CLIENT})
+
+
+async def test_churn_with_reconnects_misses_no_change():
+    """Providers come and go, replicas are killed and the client reconnects (since=) between changes."""
+    import random
+
+    lab = await Lab.start(10, transport="memory", realm=REALM, sample_interval=None, k=4, watch_interval=2.0)
+    rng = random.Random(7)
+    truth: list[tuple[str, str]] = []
+    seen: list[WatchEvent] = []
+    try:
+        providers = ["node-2", "node-3", "node-4", "node-5", "node-6"]
+        spare = ["node-7", "node-8", "node-9", "node-10"]  # killed as we go: replica churn
+        advertising: set[str] = set()
+        session = 0
+        client = await lab.attach_client("node-1", name=f"client-{session}")
+        watch = client.watch(SVC)
+        assert (await watch.next(timeout=10)).kind == "reset"
+
+        async def change() -> None:
+            who = rng.choice(providers)
+            if who in advertising:
+                await lab.node(who).unadvertise(SVC)
+                advertising.discard(who)
+                truth.append(("removed", who))
+            else:
+                await lab.node(who).advertise(SVC, "echo", ttl=30, metadata={"name": who})
+                advertising.add(who)
+                truth.append(("added", who))
+
+        away = 0  # changes made while no session was open: the client sees them only by replay
+        for step in range(16):
+            await change()
+            if step % 4 == 1 and spare:
+                await lab.kill_node(spare.pop())
+            if step % 3 == 2:  # drop the session, change while away, reconnect, resume from the last index
+                seen += await pending(watch, 0.3)
+                await client.client.close()
+                await change()
+                away += 1
+                session += 1
+                client = await lab.attach_client("node-1", name=f"client-{session}")
+                watch = client.watch(SVC, since=seen[-1].index if seen else None)
+        end = asyncio.get_running_loop().time() + 20
+        while len(changes(seen)) < len(truth) and asyncio.get_running_loop().time() < end:
+            seen += await pending(watch, 1.0)
+        assert away == 5
+        assert "reset" not in [e.kind for e in seen], "a resume fell back to a reset"
+        assert changes(seen) == truth
+        indexes = [e.index for e in seen]
+        assert indexes == list(range(indexes[0], indexes[0] + len(indexes)))
+    finally:
+        await lab.stop()
