@@ -282,6 +282,8 @@ class ClientWatch:
 
     #: events held for a consumer that does not keep up; beyond, the watch ends (resume with ``since``)
     MAX_PENDING = 10_000
+    #: seconds without an event after which the session is checked
+    SESSION_CHECK = 1.0
 
     def __init__(self, client: Client, service: str, since: int | None):
         self.client = client
@@ -289,6 +291,7 @@ class ClientWatch:
         self.index: int | None = since  # the last index yielded
         self.id = random.getrandbits(62)  # chosen here: events may overtake the node's reply
         self.closed = False
+        self.lost = False  # the session to the node ended under the watch
         self._since = since
         self._started = False
         self._last = since  # the last index received (duplicates after a resume are dropped)
@@ -327,12 +330,25 @@ class ClientWatch:
         return event
 
     async def next(self, timeout: float | None = None) -> WatchEvent | None:
-        """The next event (None once the watch ended); TimeoutError after ``timeout`` seconds."""
+        """The next event (None once the watch ended); TimeoutError after ``timeout`` seconds.
+
+        The watch also ends when the session to the node is gone (``lost`` is
+        then True): reconnect and resume with ``since=watch.index``.
+        """
         async with asyncio.timeout(timeout):
             await self.start()
-            if self.closed and self._queue.empty():
-                return None
-            event = await self._queue.get()
+            while True:
+                if self.closed and self._queue.empty():
+                    return None
+                try:
+                    async with asyncio.timeout(self.SESSION_CHECK):
+                        event = await self._queue.get()
+                    break
+                except TimeoutError:
+                    # quiet: is the session still there?  (no event could come over a closed one)
+                    if self.client.host.session(self.client.url) is None:
+                        self.lost = True
+                        self.close()
         if event is not None:
             self.index = event.index
         return event

@@ -200,3 +200,16 @@ async def test_churn_with_reconnects_misses_no_change():
         assert indexes == list(range(indexes[0], indexes[0] + len(indexes)))
     finally:
         await lab.stop()
+
+
+async def test_a_client_watch_ends_when_its_node_goes_away(nodes, certs):
+    node = await nodes("node-1", realm=REALM)
+    client = await macula_lab.connect(node.endpoint, realm=REALM, **client_args(certs))
+    try:
+        watch = client.watch(SVC)
+        assert (await watch.next(timeout=10)).kind == "reset"
+        await node.stop()
+        assert await watch.next(timeout=15) is None  # not a hang: the consumer can reconnect
+        assert watch.lost and watch.closed
+    finally:
+        await client.close()
