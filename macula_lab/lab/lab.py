@@ -593,6 +593,10 @@ class Lab:
         self._dashboard = open_view("dashboard", self, **kw)
         return self._dashboard
 
+    def watch_panel(self, service: str, *, node: str | None = None, **kw: Any):
+        """A live table of ``service``'s provider changes, watched from ``node`` (the first by default)."""
+        return open_view("watch", self, service=service, node=node, **kw)
+
     def _rows(self) -> list[dict[str, Any]]:
         rows = []
         for handle in self._nodes.values():

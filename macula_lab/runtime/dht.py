@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -127,6 +128,8 @@ class Dht:
             "contact_errors": 0,
         }
         self._wake_sweeper = asyncio.Event()
+        self._record_listeners: list[Callable[[str, bytes, ProviderEntry], None]] = []
+        self.records.listener = self._record_changed
         host.route(MessageType.FIND_NODE, self._on_find_node)
         host.route(MessageType.FIND_VALUE, self._on_find_value)
         host.route(MessageType.STORE, self._on_store)
@@ -143,6 +146,17 @@ class Dht:
         self._wake_sweeper = asyncio.Event()
         self.host.spawn(self._sweep_expired(), name=f"{self.host.name}:dht-expiry")
         self.host.spawn(self._refresh_buckets(), name=f"{self.host.name}:dht-refresh")
+
+    def on_record_change(self, fn: Callable[[str, bytes, ProviderEntry], None]) -> None:
+        """Call ``fn(kind, key, entry)`` when this replica's provider set under a key changes (watches)."""
+        self._record_listeners.append(fn)
+
+    def _record_changed(self, kind: str, key: bytes, entry: ProviderEntry) -> None:
+        for fn in self._record_listeners:
+            try:
+                fn(kind, key, entry)
+            except Exception:  # a listener's bug must not fail the STORE or the sweep that changed the record
+                log.exception("%s: record-change listener failed", self.host.name)
 
     # ------------------------------------------------------- contacts in
     def _on_peer(self, peer: PeerInfo) -> None:

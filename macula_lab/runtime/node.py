@@ -37,6 +37,7 @@ from .gateway import ClientGateway
 from .host import Host, Procedure
 from .inspection import Inspector
 from .services import Advertisement, Services
+from .watch import DEFAULT_MAX_INTERVAL, Watch, Watches
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Node:
         query_timeout: float | None = None,
         cache_ttl: float = params.DEFAULT_CACHE_TTL,
         strategy: str = params.DEFAULT_STRATEGY,
+        watch_interval: float = DEFAULT_MAX_INTERVAL,
         debug: bool = False,
         transport_options: dict[str, Any] | None = None,
     ):
@@ -121,7 +123,8 @@ class Node:
         self.host = Host(self.identity, transport, request_timeout=request_timeout, debug=debug)
         self.dht = Dht(self.host, k=k, alpha=alpha, query_timeout=query_timeout)
         self.services = Services(self.host, self.dht, cache_ttl=cache_ttl, strategy=strategy, debug=debug)
-        self.gateway = ClientGateway(self.host, self.services)
+        self.watches = Watches(self.host, self.dht, max_interval=params.check_timeout(watch_interval, "watch_interval"))
+        self.gateway = ClientGateway(self.host, self.services, self.watches)
         self.inspector = Inspector(
             self.host, self.dht, self.services, status=self.status, ready=lambda: self.ready, token=admin_token
         )
@@ -349,6 +352,15 @@ class Node:
             details=details,
         )
 
+    def watch(self, name: str, *, since: int | None = None) -> Watch:
+        """Watch service ``name``'s providers: ``async for event in node.watch(name)`` (see :mod:`.watch`).
+
+        Events: ``reset`` (the whole set, first), then ``added``, ``updated``,
+        ``removed``, ``expired``, each with the provider and an increasing
+        ``index``; ``since=index`` resumes after that index.
+        """
+        return self.watches.watch(name, since=since)
+
     async def _info_procedure(self, args: Any, peer: PeerInfo) -> dict[str, Any]:
         return self.status()
 
@@ -372,6 +384,7 @@ class Node:
             "transport": self.transport.stats(),
             "dht": self.dht.stats(),
             "services": self.services.stats_dict(),
+            "watches": self.watches.stats(),
             "max_rss_bytes": _max_rss_bytes(),
         }
 

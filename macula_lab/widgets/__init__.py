@@ -6,7 +6,8 @@
 - :class:`CallPanel`: call a service from a node, see result, provider, latency, errors;
 - :class:`TTLWatch`: advertisements and stored records counting down;
 - :class:`MetricsDashboard`: live plotly charts of the lab's metrics;
-- :class:`TopologyView`: the nodes on the id ring and their routing-table links.
+- :class:`TopologyView`: the nodes on the id ring and their routing-table links;
+- :class:`WatchPanel`: one service's provider changes, live (``lab.watch_panel(service)``).
 
 They only read the lab's sampled state (``lab.snapshots``, ``lab.recorder``,
 refreshed through ``lab.on_sample``) and call the :class:`~macula_lab.lab.nodes.LabNode`
@@ -23,6 +24,7 @@ from .dashboard import Dashboard, dashboard
 from .metrics import MetricsDashboard
 from .topology import TopologyView
 from .ttl import TTLWatch
+from .watch import WatchPanel, watch_panel
 
 __all__ = [
     "AdvertisePanel",
@@ -32,5 +34,7 @@ __all__ = [
     "MetricsDashboard",
     "TTLWatch",
     "TopologyView",
+    "WatchPanel",
     "dashboard",
+    "watch_panel",
 ]
