@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -134,10 +136,28 @@ def test_certs_subcommand(tmp_path):
     assert (tmp_path / "node-9.pem").exists() and (tmp_path / "node-9.key").exists()
 
 
+def _demo_certs(stdout: str) -> Path:
+    [line] = [ln for ln in stdout.splitlines() if ln.startswith("lab CA, node and client certificates in ")]
+    return Path(line.rsplit(" in ", 1)[1])
+
+
 def test_demo_runs_end_to_end():
     r = _cli("demo", timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "FAIL" not in r.stdout and "checks passed" in r.stdout
+    assert "(3 nodes," in r.stdout and not _demo_certs(r.stdout).parent.exists()  # work directory removed
+
+
+def test_demo_nodes_and_keep():
+    r = _cli("demo", "--nodes", "4", "--keep", timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    work = _demo_certs(r.stdout).parent
+    try:
+        assert "(4 nodes," in r.stdout and "node-4 exited with 0" in r.stdout
+        assert f"work directory kept: {work}" in r.stdout
+        assert (work / "certs" / "ca.pem").exists() and (work / "certs" / "node-4.pem").exists()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 async def test_node_serves_builtin_handlers_from_the_environment(certs):

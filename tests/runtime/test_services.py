@@ -637,13 +637,13 @@ async def test_a_dead_provider_costs_one_timeout_not_one_per_call():
         caller = lab.node("node-4")
         victim = (await caller.call("svc.pair", {}, strategy="first")).value
         await lab.kill_node(victim)
-        first = await caller.call("svc.pair", {}, strategy="first", timeout=1.0)
-        assert [a.provider for a in first.attempts][0] == victim and first.latency >= 1.0
+        first = await caller.call("svc.pair", {}, strategy="first", timeout=3.0)
+        assert [a.provider for a in first.attempts][0] == victim and first.latency >= 3.0
         # the DHT still lists the dead provider (its record lives until its TTL)
         assert victim in {p.metadata["node"] for p in await caller.discover("svc.pair", refresh=True)}
         for _ in range(3):
-            res = await caller.call("svc.pair", {}, strategy="first", timeout=1.0)
-            assert len(res.attempts) == 1 and res.latency < 0.5, res  # skipped while suspect
+            res = await caller.call("svc.pair", {}, strategy="first", timeout=3.0)
+            assert len(res.attempts) == 1 and res.latency < 1.5, res  # skipped while suspect
         row = next(r for r in (await caller.inspect(["providers"]))["providers"] if r["provider"] == victim)
         assert row["suspect_for"] > 0
     finally:

@@ -175,14 +175,14 @@ async def test_request_timeout(nodes):
     b = await nodes("node-2")
 
     async def slow(args, peer):
-        await asyncio.sleep(5)
+        await asyncio.sleep(60)
 
     b.procedure("test.slow", slow)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     with pytest.raises(RequestTimeout):
         await a.call_procedure(b.endpoint, "test.slow", timeout=0.3)
-    assert loop.time() - t0 < 2
+    assert 0.3 <= loop.time() - t0 < 30  # the 0.3 s timeout, not the 60 s handler (margin for load)
     assert await a.call_procedure(b.endpoint, "macula.echo", 2) == 2
 
 
@@ -329,7 +329,7 @@ async def test_connect_timeout_to_silent_port(nodes):
         t0 = loop.time()
         with pytest.raises(ConnectTimeout):
             await a.ping(f"quic://127.0.0.1:{sock.getsockname()[1]}")
-        assert loop.time() - t0 < 2
+        assert 0.5 <= loop.time() - t0 < 4  # its 0.5 s, not the default 5 s (margin for load)
     finally:
         sock.close()
 
