@@ -192,6 +192,8 @@ class Watches:
         self.max_interval = max_interval
         self.min_interval = min(min_interval, max_interval)
         self.subscribers = SubscriberTable()
+        #: push to subscribers (off: a replica whose pushes are all lost, to measure the reads alone)
+        self.pushing = True
         self._services: dict[bytes, _ServiceWatch] = {}
         self._outbox: dict[bytes, deque[tuple[str, dict[str, Any]]]] = {}
         self._senders: set[bytes] = set()
@@ -368,7 +370,7 @@ class Watches:
         if sw is not None:
             sw.apply(kind, entry, now)
         subs = self.subscribers.subscribers(key, now)
-        if not subs:
+        if not subs or not self.pushing:
             return
         # a record that left carries its advertised ttl: only its id and seq matter then
         body = {"key": key, "kind": kind, "value": entry.to_wire(now if kind == "stored" else None)}
