@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -166,7 +167,10 @@ class _ServiceWatch:
     def detach(self, w: Watch) -> None:
         self.consumers.discard(w)
         if not self.consumers:
-            self.idle_since = asyncio.get_running_loop().time()
+            try:
+                self.idle_since = asyncio.get_running_loop().time()
+            except RuntimeError:  # closed outside the loop: the default loop's clock is monotonic
+                self.idle_since = time.monotonic()
 
     def end(self) -> None:
         for c in list(self.consumers):
