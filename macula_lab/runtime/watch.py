@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -166,7 +167,10 @@ class _ServiceWatch:
     def detach(self, w: Watch) -> None:
         self.consumers.discard(w)
         if not self.consumers:
-            self.idle_since = asyncio.get_running_loop().time()
+            try:
+                self.idle_since = asyncio.get_running_loop().time()
+            except RuntimeError:  # closed outside the loop: the default loop's clock is monotonic
+                self.idle_since = time.monotonic()
 
     def end(self) -> None:
         for c in list(self.consumers):
@@ -192,6 +196,8 @@ class Watches:
         self.max_interval = max_interval
         self.min_interval = min(min_interval, max_interval)
         self.subscribers = SubscriberTable()
+        #: push to subscribers (off: a replica whose pushes are all lost, to measure the reads alone)
+        self.pushing = True
         self._services: dict[bytes, _ServiceWatch] = {}
         self._outbox: dict[bytes, deque[tuple[str, dict[str, Any]]]] = {}
         self._senders: set[bytes] = set()
@@ -368,7 +374,7 @@ class Watches:
         if sw is not None:
             sw.apply(kind, entry, now)
         subs = self.subscribers.subscribers(key, now)
-        if not subs:
+        if not subs or not self.pushing:
             return
         # a record that left carries its advertised ttl: only its id and seq matter then
         body = {"key": key, "kind": kind, "value": entry.to_wire(now if kind == "stored" else None)}

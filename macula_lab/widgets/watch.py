@@ -10,6 +10,7 @@ when the mesh does.  The model is :class:`~macula_lab.core.watch.WatchLog`
 
 from __future__ import annotations
 
+import asyncio
 import html
 import time
 from typing import TYPE_CHECKING, Any
@@ -82,8 +83,16 @@ class WatchPanel(LabView):
         return list(self.changes.rows)
 
     def close(self) -> None:
-        if self._watch is not None:
-            self._watch.close()
+        watch, loop = self._watch, self.lab.loop
+        if watch is not None:
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if loop is not None and running is not loop:  # a lab on its own loop (the sync twins)
+                loop.call_soon_threadsafe(watch.close)
+            else:
+                watch.close()
         super().close()
 
 

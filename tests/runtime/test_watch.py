@@ -92,6 +92,27 @@ async def test_added_removed_and_expired_are_pushed_to_a_watcher_that_is_no_repl
         await asyncio.wait_for(task, 5)  # closing ends the iteration
 
 
+async def test_without_pushes_reads_catch_every_change_within_the_interval(nodes):
+    ring = await mesh(nodes, [f"node-{i}" for i in range(1, 6)], realm=R, k=3, watch_interval=1.0)
+    for n in ring:
+        n.watches.pushing = False  # every push lost
+    watcher = by_distance(ring)[-1]
+    a = by_distance(ring)[0]
+    watch = watcher.watch(SVC)
+    assert (await watch.next(timeout=10)).kind == "reset"
+    loop = asyncio.get_running_loop()
+    actions = (lambda: a.advertise(SVC, lambda x: x, metadata=meta(a)), lambda: a.unadvertise(SVC))
+    for action, kind in zip(actions, ("added", "removed"), strict=True):
+        t0 = loop.time()
+        await action()
+        event = await watch.next(timeout=10)
+        assert (event.kind, event.provider.name) == (kind, a.name)
+        # the bound: one interval, plus a lookup and a WATCH round (generous for a loaded VM)
+        assert loop.time() - t0 < 1.0 + 3.0
+    assert watcher.watches.counters["missed_by_push"] == 2 and watcher.watches.counters["pushes_received"] == 0
+    watch.close()
+
+
 async def test_resume_replays_held_events_and_resets_otherwise(nodes):
     ring = await mesh(nodes, ["node-1", "node-2", "node-3"], realm=R)
     first = ring[0].watch(SVC)
