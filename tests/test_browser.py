@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@dataclass
+class Jupyter:
+    base: str
+    token: str
+    root: Path
+
+    def write(self, name: str, *cells: str) -> str:
+        """A notebook of these code cells in the server's root; returns its URL path."""
+        import nbformat
+
+        nb = nbformat.v4.new_notebook(
+            metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+        )
+        nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+        nbformat.write(nb, self.root / name)
+        return f"{self.base}/lab/tree/{name}?token={self.token}"
 
 
 @pytest.fixture
@@ -94,7 +113,7 @@ def jupyterlab(tmp_path):
                     "JupyterLab not up in 60 s:\n" + (tmp_path / "jupyterlab.log").read_text()
                 )
             time.sleep(0.2)
-        yield base, token
+        yield Jupyter(base, token, root)
     finally:
         # the server and its kernels are in the session we started: stop them all
         with contextlib.suppress(ProcessLookupError):
@@ -128,7 +147,7 @@ RTT_POINTS = """() => {
 def test_dashboard_in_chromium(jupyterlab):
     from playwright.sync_api import sync_playwright
 
-    base, token = jupyterlab
+    base, token = jupyterlab.base, jupyterlab.token
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "browser-dashboard.png"
     with sync_playwright() as p:
@@ -167,3 +186,207 @@ def test_dashboard_in_chromium(jupyterlab):
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000
+
+
+#: a plot's traces as drawn: [{meta, points}] (-1: no plotly plot in that view yet)
+DRAWN = """(sel, i) => {
+  const gd = document.querySelectorAll(sel + ' .js-plotly-plot')[i || 0];
+  if (!gd || !gd._fullData) return -1;
+  return gd._fullData.map(t => ({meta: t.meta, points: t.x ? t.x.length : 0}));
+}"""
+
+#: browser console lines that mean a plot was drawn wrong (issue 15, items 1 and 2)
+PLOT_ERRORS = ("Cannot use 'in' operator", "is not a number or is out of bounds", "bad format", "model not found")
+
+
+class Console:
+    def __init__(self, page):
+        self.lines: list[str] = []
+        page.on("console", lambda m: self.lines.append(f"{m.type}: {m.text}"))
+        page.on("pageerror", lambda e: self.lines.append(f"pageerror: {e}"))
+
+    def plot_errors(self) -> list[str]:
+        return [line for line in self.lines if any(e in line for e in PLOT_ERRORS)]
+
+
+def _browser(p):
+    return p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+
+
+def _run_all(page, url: str) -> None:
+    page.goto(url)
+    page.wait_for_function(KERNEL_IDLE, timeout=TIMEOUT_MS)
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+
+
+def _wait_nodes_drawn(page, n: int, i: int = 0) -> None:
+    """The ``i``-th topology plot draws ``n`` node markers (polls in the page, up to TIMEOUT_MS)."""
+    page.wait_for_function(
+        f"(() => {{ const d = ({DRAWN})('.macula-topology', {i}); "
+        f"return Array.isArray(d) && d.some(t => t.meta === 'nodes' && t.points === {n}); }})()",
+        timeout=TIMEOUT_MS,
+    )
+
+
+SAMPLED_LAB = """from macula_lab import Lab
+from macula_lab.widgets import TopologyView
+
+lab = await Lab.start(n=3, realm="com.test.browser", transport="memory", sample_interval=None)
+await lab.node("node-1").advertise("test.calculator", "calculator", ttl=30)
+await lab.node("node-2").call("test.calculator", {"operation": "add", "a": 1, "b": 2})
+await lab.sample()
+snapshots = await lab.sample()"""
+
+
+def test_views_made_on_a_sampled_lab_draw(jupyterlab):
+    """A topology view and a second dashboard, made after the lab sampled, draw their data."""
+    from playwright.sync_api import sync_playwright
+
+    url = jupyterlab.write(
+        "sampled.ipynb",
+        SAMPLED_LAB,
+        "topo = TopologyView(lab)\ntopo",
+        "first = lab.dashboard()\nsecond = lab.dashboard()  # running the cell again\nsecond",
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 3200})
+        page.set_default_timeout(TIMEOUT_MS)
+        console = Console(page)
+        try:
+            _run_all(page, url)
+            _wait_nodes_drawn(page, 3, 0)  # the standalone view
+            _wait_nodes_drawn(page, 3, 1)  # the second dashboard's
+            # the metrics made on the sampled lab draw its samples (the call's round trip)
+            page.wait_for_function(f"({RTT_POINTS})() >= 1", timeout=TIMEOUT_MS)
+            page.screenshot(path=str(ARTIFACTS / "browser-topology-sampled-lab.png"), full_page=True)
+            assert not console.plot_errors(), console.plot_errors()
+        except Exception:
+            with contextlib.suppress(Exception):
+                page.screenshot(path=str(ARTIFACTS / "browser-topology-sampled-lab-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+
+
+def test_dashboard_after_a_reload(jupyterlab):
+    """Reload the tab (kernel alive), re-run the dashboard cell: a working dashboard, no plot errors."""
+    from playwright.sync_api import sync_playwright
+
+    url = jupyterlab.write(
+        "reload.ipynb",
+        SAMPLED_LAB.replace("sample_interval=None", "sample_interval=0.5"),
+        "dash = lab.dashboard()\ndash",
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 2700})
+        page.set_default_timeout(TIMEOUT_MS)
+        console = Console(page)
+        try:
+            _run_all(page, url)
+            _wait_nodes_drawn(page, 3)
+            page.reload()
+            page.wait_for_function(KERNEL_IDLE, timeout=TIMEOUT_MS)
+            before = len(console.lines)
+            # re-run only the dashboard cell: the lab in the kernel lives on
+            page.evaluate(
+                "() => { const nb = window.jupyterapp.shell.currentWidget.content; nb.activeCellIndex = 1;"
+                " return window.jupyterapp.commands.execute('notebook:run-cell'); }"
+            )
+            _wait_nodes_drawn(page, 3)
+            page.wait_for_function(f"({RTT_POINTS})() >= 1", timeout=TIMEOUT_MS)
+            page.locator(".macula-call-button").click()
+            page.locator(".macula-call-status", has_text="answered by node-1").wait_for()
+            page.screenshot(path=str(ARTIFACTS / "browser-dashboard-after-reload.png"), full_page=True)
+            errors = [line for line in console.lines[before:] if any(e in line for e in PLOT_ERRORS)]
+            assert not errors, errors
+        except Exception:
+            with contextlib.suppress(Exception):
+                page.screenshot(path=str(ARTIFACTS / "browser-dashboard-after-reload-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+
+
+def test_dashboard_after_a_kill(jupyterlab):
+    """A killed node is greyed in the TTL watch and the topology, and no longer a target."""
+    from playwright.sync_api import sync_playwright
+
+    url = jupyterlab.write(
+        "kill.ipynb",
+        SAMPLED_LAB.replace("sample_interval=None", "sample_interval=0.5")
+        + '\nawait lab.node("node-3").advertise("test.calculator", "calculator", ttl=30)\nsnapshots = await lab.sample()',
+        "dash = lab.dashboard()\ndash",
+        'await lab.kill_node("node-3")',
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 2700})
+        page.set_default_timeout(TIMEOUT_MS)
+        try:
+            _run_all(page, url)
+            page.locator(".macula-ttl-ads", has_text="node-3 (stopped)").wait_for()
+            page.locator(".macula-ttl-ads", has_text="not re-advertised").wait_for()
+            page.wait_for_function(
+                "() => { const gd = document.querySelector('.macula-topology .js-plotly-plot');"
+                " const t = gd && gd._fullData && gd._fullData.find(t => t.meta === 'nodes');"
+                " return !!t && t.text.includes('node-3 (stopped)'); }",
+                timeout=TIMEOUT_MS,
+            )
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.macula-call select')[0].options].map(o => o.textContent)"
+                ".join(',') === 'node-1,node-2'",
+                timeout=TIMEOUT_MS,
+            )
+            page.locator(".macula-dashboard").scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "browser-dashboard-after-kill.png"), full_page=True)
+        except Exception:
+            with contextlib.suppress(Exception):
+                page.screenshot(path=str(ARTIFACTS / "browser-dashboard-after-kill-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+
+
+def test_report_opens_offline_with_its_header_and_plots(tmp_path):
+    """The 01 HTML report: verdict and run header on top, no code, plots drawn, <= 1.5 MB."""
+    from playwright.sync_api import sync_playwright
+
+    from macula_lab.procedures.runner import run_procedure
+
+    run = run_procedure("01", output_dir=tmp_path)
+    assert run.passed, run.summary()
+    size = run.html.stat().st_size
+    assert size <= 1_500_000, f"the report is {size / 1e6:.1f} MB"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        # offline: plotly.js must come from beside the report, not from the network
+        context = browser.new_context(offline=True, viewport={"width": 1200, "height": 1600})
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        try:
+            page.goto(run.html.as_uri())
+            assert page.title() == "01_local_multi_node: PASSED"
+            header = page.locator(".macula-report-header")
+            header.wait_for()
+            text = header.inner_text()
+            for field in ("date", "host", "macula-lab", "git commit", "wall time"):
+                assert field in text, text
+            page.locator(".macula-report-title", has_text="PASSED").wait_for()
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.js-plotly-plot')].some(g => g._fullData && g._fullData.length)",
+                timeout=TIMEOUT_MS,
+            )
+            assert page.locator(".jp-CodeCell .jp-InputArea").count() == 0  # outputs only, no code
+            page.screenshot(path=str(ARTIFACTS / "browser-report-header.png"))
+        except Exception:
+            with contextlib.suppress(Exception):
+                page.screenshot(path=str(ARTIFACTS / "browser-report-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()

@@ -35,7 +35,6 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -44,6 +43,7 @@ from ..errors import MaculaError
 from ..runtime.inspection import SECTIONS
 from ..transport.certs import issue_client_cert
 from . import sync as _sync
+from .logs import RowLog
 from .metrics import MetricsRecorder
 from .nodes import AttachedNode, LabNode, LocalNode
 from .views import open_view
@@ -109,10 +109,10 @@ class Lab:
         self._counter = 0
         self.sample_interval = sample_interval
         self.snapshots: dict[str, dict[str, Any]] = {}
-        self.events: deque[dict[str, Any]] = deque(maxlen=5000)
+        self.events = RowLog(maxlen=5000, columns=("at", "node", "kind", "service", "detail"), title="events")
         self.recorder = MetricsRecorder()
         #: failures of background work (sampling, widget actions): surfaced, never lost
-        self.errors: deque[dict[str, Any]] = deque(maxlen=1000)
+        self.errors = RowLog(maxlen=1000, columns=("at", "where", "error"), title="background errors")
         self._listeners: list[Callable[[Lab], None]] = []
         self._event_since: dict[str, float] = {}
         self._sampler: asyncio.Task | None = None

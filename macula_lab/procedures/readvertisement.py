@@ -12,12 +12,76 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING, Any
 
 from .advertisement import GROUP as ADVERTISEMENT
 from .context import Context
 from .report import Check
 
+if TYPE_CHECKING:
+    from ..lab.lab import Lab
+
 GROUP = "Re-advertisement"
+
+
+def late_and_lapsed(
+    rows: dict[str, dict[str, Any] | None], tolerance: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """From the timers' own rows (every fire since advertise, not only those the step watched):
+
+    - late: provider -> its worst lateness (s), where it exceeds ``tolerance`` x the interval;
+    - lapsed: provider -> how long its record was expired before being republished (s).
+
+    The timer schedules the next fire from the actual one, so the longest gap between two
+    publications is ``interval + lateness_max``; beyond the TTL the record had expired.
+    """
+    late, lapsed = {}, {}
+    for p, row in rows.items():
+        worst = row.get("lateness_max") if row else None
+        if worst is None:
+            continue
+        if worst > tolerance * row["interval"]:
+            late[p] = worst
+        if row["interval"] + worst > row["ttl"]:
+            lapsed[p] = row["interval"] + worst - row["ttl"]
+    return late, lapsed
+
+
+def _anomalies(late: dict[str, float], lapsed: dict[str, float]) -> str:
+    return "".join(
+        [f"; {p} fired {v * 1000:.0f} ms late" for p, v in late.items()]
+        + [f"; {p}'s record lapsed {v * 1000:.0f} ms before it was republished" for p, v in lapsed.items()]
+    )
+
+
+async def readvertisement_kept(lab: Lab, service: str, providers: list[str], *, tolerance: float = 0.25) -> Check:
+    """The seed's "Re-advertisement happens before TTL expiry" over a whole experiment.
+
+    For providers advertising while something else runs (05's calls): none fired later
+    than ``tolerance`` x the interval, none let its record lapse, each fired at least once.
+    """
+    rows: dict[str, dict[str, Any] | None] = {}
+    for p in providers:
+        snap = await lab.node(p).inspect(["advertisements"])
+        rows[p] = next((a for a in snap.get("advertisements") or [] if a["service"] == service), None)
+    late, lapsed = late_and_lapsed(rows, tolerance)
+    never = [p for p, r in rows.items() if not r or not r["count"]]
+    margins = [r["ttl"] - r["interval"] - r["lateness_max"] for r in rows.values() if r and r["count"]]
+    return Check(
+        ADVERTISEMENT,
+        "Re-advertisement happens before TTL expiry",
+        not late and not lapsed and not never,
+        round(min(margins), 3) if margins else None,
+        "s margin before expiry (min)",
+        ", ".join(
+            f"{p}: {r['count']} fire(s), lateness max {r['lateness_max'] * 1000:.0f} ms" if r and r["count"]
+            else f"{p}: never re-advertised"
+            for p, r in rows.items()
+        )
+        + f" (interval {next((r['interval'] for r in rows.values() if r), 0):.3g}s, late beyond "
+        f"{tolerance:g} x interval fails)"
+        + _anomalies(late, lapsed),
+    )
 
 
 async def readvertisement(ctx: Context) -> list[Check]:
@@ -53,8 +117,11 @@ async def readvertisement(ctx: Context) -> list[Check]:
 
     # --- Timer fires at correct interval
     all_gaps = [g for gs in gaps.values() for g in gs]
-    ok = all(gaps[p] for p in ctx.providers) and all(
-        abs(g - interval) <= cfg.tolerance * interval for g in all_gaps
+    late, lapsed = late_and_lapsed(rows, cfg.tolerance)
+    ok = (
+        all(gaps[p] for p in ctx.providers)
+        and all(abs(g - interval) <= cfg.tolerance * interval for g in all_gaps)
+        and not late
     )
     lateness = {
         p: rows[p]["lateness_max"]
@@ -73,7 +140,7 @@ async def readvertisement(ctx: Context) -> list[Check]:
             ok,
             round(sum(all_gaps) / len(all_gaps), 3) if all_gaps else None,
             "s mean interval",
-            f"{evidence} (expected {interval:.3g}s = 0.8 x ttl {cfg.ttl:g}s)",
+            f"{evidence} (expected {interval:.3g}s = 0.8 x ttl {cfg.ttl:g}s)" + _anomalies(late, {}),
         )
     ]
 
@@ -134,12 +201,16 @@ async def readvertisement(ctx: Context) -> list[Check]:
     )
 
     # --- Service Advertisement: re-advertisement happens before TTL expiry
-    margins = [cfg.ttl - g for g in all_gaps]
+    margins = [cfg.ttl - g for g in all_gaps] + [
+        cfg.ttl - rows[p]["interval"] - rows[p]["lateness_max"]
+        for p in ctx.providers
+        if rows.get(p) and rows[p]["lateness_max"] is not None
+    ]
     elapsed = time.time() - first
     live = await ctx.provider_names(refresh=True)
     missing = sorted(set(ctx.providers) - set(live))
     never = [p for p in ctx.providers if not gaps[p]]
-    ok = not missing and not never and all(m > 0 for m in margins) and elapsed > cfg.ttl
+    ok = not missing and not never and not lapsed and all(m > 0 for m in margins) and elapsed > cfg.ttl
     checks.append(
         Check(
             ADVERTISEMENT,
@@ -149,7 +220,8 @@ async def readvertisement(ctx: Context) -> list[Check]:
             "s margin before expiry (min)",
             f"{elapsed:.1f}s after the first publication (ttl {cfg.ttl:g}s) the DHT returns {live}"
             + (f"; missing {missing}: their records expired" if missing else "")
-            + (f"; never re-advertised: {never}" if never else ""),
+            + (f"; never re-advertised: {never}" if never else "")
+            + _anomalies({}, lapsed),
         )
     )
     return checks

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .services import Services
 
 SECTIONS = ("node", "advertisements", "records", "routing", "cache", "providers", "metrics", "events")
+MAX_NAMES = 4096  # remembered node names (id -> name); bounded for meshes with much churn
 MAX_SAMPLES = 500  # per series per reply: an attached lab polls often, a slow one catches up next time
 
 
@@ -80,6 +81,9 @@ class Inspector:
         self._status = status
         self._ready = ready
         self._token = token
+        #: names once seen, kept: a dead provider leaves the routing table and its records
+        #: expire, but its selection counts stay, and should still read as its name
+        self._seen_names: dict[str, str] = {}
         host.route(MessageType.INSPECT, self._on_inspect)
 
     def _on_inspect(self, frame: Frame, peer: PeerInfo):
@@ -131,7 +135,10 @@ class Inspector:
             if row["metadata"].get("node"):
                 names.setdefault(row["provider"], row["metadata"]["node"])
         names[self.host.node_id.hex()] = self.host.name
-        return names
+        if len(self._seen_names) > MAX_NAMES:
+            self._seen_names.clear()
+        self._seen_names.update(names)
+        return dict(self._seen_names)
 
     def _providers(self) -> list[dict[str, Any]]:
         names = self._names()

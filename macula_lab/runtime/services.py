@@ -383,6 +383,28 @@ class Services:
         ad.task.cancel()
         return True
 
+    def delay_readvertising(self, name: str, seconds: float) -> bool:
+        """Fault injection: the next re-advertisement of ``name`` fires ``seconds`` late.
+
+        What a stalled loop or a suspended host does to the timer; procedures use it to
+        show that lateness (and a record lapsing before it is republished) fails the
+        checklist.  Returns False if ``name`` is not advertised here with a live timer.
+        """
+        ad = self.ads.get(name)
+        if ad is None or ad.task is None or ad.task.done() or ad.task.cancelling():
+            return False
+        ad.task.cancel()
+
+        async def late() -> None:
+            await asyncio.sleep(ad.timer.delay(self._now()) + seconds)
+            await self._readvertise_loop(ad)  # overdue: fires at once, ``seconds`` late
+
+        ad.task = self.host.spawn(late(), name=f"{self.host.name}:readvertise:{name}")
+        if ad.task is not None:
+            self._timers[ad.task] = name
+            ad.task.add_done_callback(self._timer_done)
+        return True
+
     async def unadvertise(self, name: str) -> int:
         """Stop serving ``name`` and remove this provider from the DHT; returns replicas that removed it."""
         async with self._lock(name):

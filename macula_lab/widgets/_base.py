@@ -154,12 +154,20 @@ class LabView(w.VBox):
 
     # ------------------------------------------------------------ nodes
     def _sync_node_options(self, dropdown: w.Dropdown) -> None:
-        names = self.lab.names
+        """Offer the running nodes only: a stopped or killed node cannot advertise or call."""
+        names = [n.name for n in self.lab.running_nodes()]
         if list(dropdown.options) != names:
             value = dropdown.value
             dropdown.options = names
             if value in names:
                 dropdown.value = value
+
+    def running(self, name: str) -> bool:
+        """Whether the lab's node ``name`` runs (False for a stopped or killed one; True for non-lab names)."""
+        try:
+            return self.lab.node(name).running
+        except KeyError:
+            return True
 
     # ------------------------------------------------------------ closing
     def close(self) -> None:

@@ -42,7 +42,7 @@ class AdvertisePanel(LabView):
         super().__init__(lab)
         #: name -> callable, offered next to the built-ins
         self.handlers: dict[str, Callable[[Any], Any]] = {}
-        names = lab.names
+        names = [n.name for n in lab.running_nodes()]
         self.node = w.Dropdown(options=names, value=names[0] if names else None, description="node")
         self.service = w.Text(value=service, description="service", continuous_update=False)
         # a plain FloatText: a bounded one would clamp a bad TTL silently; the engine refuses it by name

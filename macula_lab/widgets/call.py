@@ -44,7 +44,7 @@ class CallPanel(LabView):
         history: int = 8,
     ):
         super().__init__(lab)
-        names = lab.names
+        names = [n.name for n in lab.running_nodes()]
         first = names[1] if len(names) > 1 else (names[0] if names else None)
         self.node = w.Dropdown(options=names, value=first, description="from node")
         self.service = w.Combobox(

@@ -43,6 +43,11 @@ SIZES = {
     "tasks": ("node tasks", 1.0),
     "process_rss_bytes": ("process memory (MB)", 1e-6),
 }
+#: d3 time formats by zoom: seconds, or milliseconds under a one-second tick spacing
+TIME_TICKS = [
+    {"dtickrange": [None, 1000], "value": "%H:%M:%S.%L"},
+    {"dtickrange": [1000, None], "value": "%H:%M:%S"},
+]
 _SAMPLES = {"dht_query_ms", "rpc_rtt_ms", "readvertise_lateness_ms"}
 
 
@@ -66,7 +71,6 @@ class MetricsDashboard(LabView):
             subplot_titles=titles,
             vertical_spacing=0.13,
             horizontal_spacing=0.08,
-            figure=go.FigureWidget(),
         )
         self.figure.update_layout(
             height=height,
@@ -75,8 +79,10 @@ class MetricsDashboard(LabView):
             legend={"orientation": "h", "y": -0.06},
             uirevision="macula",  # keep zoom across updates
         )
-        self.figure.update_xaxes(tickformat="%H:%M:%S", nticks=6)
-        self.figure.update_xaxes(tickformat=None, nticks=None, row=3, col=1)  # providers, not times
+        # date axes from the start: before its first point an axis is linear, and a time
+        # format on it is a bad number format to plotly (a warning on every redraw)
+        self.figure.update_xaxes(type="date", tickformatstops=TIME_TICKS, nticks=6)
+        self.figure.update_xaxes(type="category", tickformatstops=None, nticks=None, row=3, col=1)  # providers
         self.figure.update_yaxes(range=[0, 1.05], row=2, col=2)
         self.size = w.Dropdown(options=[(v[0], k) for k, v in SIZES.items()], value="routing_table_size",
                                description="size")  # fmt: skip
@@ -84,8 +90,11 @@ class MetricsDashboard(LabView):
         self.summary = w.HTML()
         self.summary.add_class("macula-metrics-summary")
         self._traces: dict[tuple[str, str], int] = {}  # (metric or panel, node) -> index in figure.data
-        self.children = [self.size, self.figure, self.summary, self.status]
         self.refresh()
+        # a widget made from a figure holding its traces and data: traces added or restyled
+        # before the browser drew the widget once left it blank or out of step
+        self.figure = go.FigureWidget(self.figure)
+        self.children = [self.size, self.figure, self.summary, self.status]
 
     def _on_sample(self, lab: Lab) -> None:
         now = time.monotonic()

@@ -35,26 +35,32 @@ class TopologyView(LabView):
 
     def __init__(self, lab: Lab, *, height: int = 420):
         super().__init__(lab)
-        self.figure = go.FigureWidget()
-        self.figure.add_scatter(
-            x=[], y=[], mode="lines", line={"color": "#bbb", "width": 1}, hoverinfo="skip", name="links",
-            showlegend=False, meta="links",
-        )  # fmt: skip
-        self.figure.add_scatter(
-            x=[], y=[], mode="markers+text", textposition="top center", hovertemplate="%{hovertext}<extra></extra>",
-            name="nodes", showlegend=False, meta="nodes",
-        )  # fmt: skip
+        links, points = self._drawing()
         axis = {"visible": False, "range": [-1.35, 1.35], "fixedrange": True}
-        self.figure.update_layout(
-            height=height,
-            margin={"l": 10, "r": 10, "t": 30, "b": 10},
-            xaxis=axis,
-            yaxis={**axis, "scaleanchor": "x"},
-            title={"text": "routing tables", "x": 0.5, "font": {"size": 13}},
-            plot_bgcolor="white",
-        )
+        # built with its traces and their data: a FigureWidget whose traces are restyled
+        # before the browser drew it once stays blank (a view made on a lab that already
+        # sampled, a dashboard displayed again)
+        self.figure = go.FigureWidget(
+            data=[
+                go.Scatter(
+                    mode="lines", line={"color": "#bbb", "width": 1}, hoverinfo="skip", name="links",
+                    showlegend=False, meta="links", **links,
+                ),
+                go.Scatter(
+                    mode="markers+text", textposition="top center", hovertemplate="%{hovertext}<extra></extra>",
+                    name="nodes", showlegend=False, meta="nodes", **points,
+                ),
+            ],
+            layout={
+                "height": height,
+                "margin": {"l": 10, "r": 10, "t": 30, "b": 10},
+                "xaxis": axis,
+                "yaxis": {**axis, "scaleanchor": "x"},
+                "title": {"text": "routing tables", "x": 0.5, "font": {"size": 13}},
+                "plot_bgcolor": "white",
+            },
+        )  # fmt: skip
         self.children = [self.figure, self.status]
-        self.refresh()
 
     # ------------------------------------------------------------ data
     def nodes(self) -> dict[str, dict[str, Any]]:
@@ -68,6 +74,7 @@ class TopologyView(LabView):
             out[info["node_id"]] = {
                 "name": name,
                 "in_lab": True,
+                "running": self.running(name),
                 "endpoint": info.get("endpoint", ""),
                 "contacts": len(snap.get("routing") or []),
                 "records": gauges.get("stored_records", len(snap.get("records") or [])),
@@ -79,6 +86,7 @@ class TopologyView(LabView):
                     out[c["node_id"]] = {
                         "name": c.get("name") or c["node_id"][:8],
                         "in_lab": False,
+                        "running": True,
                         "endpoint": c.get("endpoint", ""),
                         "contacts": None,
                         "records": None,
@@ -87,19 +95,36 @@ class TopologyView(LabView):
         return out
 
     def edges(self) -> set[tuple[str, str]]:
-        """(holder, contact) name pairs: ``holder``'s routing table holds ``contact``."""
-        names = {nid: n["name"] for nid, n in self.nodes().items()}
+        """(holder, contact) name pairs: ``holder``'s routing table holds ``contact``.
+
+        A stopped node has no links: its last snapshot's table is gone with it, and the
+        entries others still hold for it lead nowhere (they time out).
+        """
+        nodes = self.nodes()
+        names = {nid: n["name"] for nid, n in nodes.items()}
+        stopped = {n["name"] for n in nodes.values() if not n["running"]}
         out = set()
         for name, snap in list(self.lab.snapshots.items()):
+            if name in stopped:
+                continue
             for c in snap.get("routing") or []:
-                if not c.get("replacement"):
-                    out.add((name, names.get(c["node_id"], c["node_id"][:8])))
+                contact = names.get(c["node_id"], c["node_id"][:8])
+                if not c.get("replacement") and contact not in stopped:
+                    out.add((name, contact))
         return out
 
     # ------------------------------------------------------------ drawing
     def refresh(self) -> None:
         if self._closed:
             return
+        links, points = self._drawing()
+        with self.figure.batch_update():
+            link_trace, point_trace = self.figure.data
+            link_trace.update(links)
+            point_trace.update(points)
+
+    def _drawing(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The links' and the nodes' trace values from the latest snapshots."""
         nodes = self.nodes()
         pos = {n["name"]: ring_position(nid) for nid, n in nodes.items()}
         ex: list[float | None] = []
@@ -111,7 +136,7 @@ class TopologyView(LabView):
         lab_names = self.lab.names
         ordered = sorted(nodes.values(), key=lambda n: (not n["in_lab"], n["name"]))
         hover = [
-            f"<b>{n['name']}</b><br>{n['endpoint']}"
+            f"<b>{n['name']}</b>{'' if n['running'] else ' (stopped)'}<br>{n['endpoint']}"
             + (
                 f"<br>contacts {n['contacts']} · records {n['records']}"
                 + (f"<br>serves {', '.join(n['services'])}" if n["services"] else "")
@@ -120,15 +145,16 @@ class TopologyView(LabView):
             )
             for n in ordered
         ]
-        with self.figure.batch_update():
-            links, points = self.figure.data
-            links.x, links.y = ex, ey
-            points.x = [pos[n["name"]][0] for n in ordered]
-            points.y = [pos[n["name"]][1] for n in ordered]
-            points.text = [n["name"] for n in ordered]
-            points.hovertext = hover
-            points.marker = {
+        points = {
+            "x": [pos[n["name"]][0] for n in ordered],
+            "y": [pos[n["name"]][1] for n in ordered],
+            "text": [n["name"] if n["running"] else f"{n['name']} (stopped)" for n in ordered],
+            "hovertext": hover,
+            "marker": {
                 "size": [14 + min(20, 2 * (n["records"] or 0)) for n in ordered],
-                "color": [colour(n["name"], lab_names) if n["in_lab"] else "#ccc" for n in ordered],
+                "color": [colour(n["name"], lab_names) if n["in_lab"] and n["running"] else "#ccc" for n in ordered],
+                "opacity": [1.0 if n["running"] else 0.5 for n in ordered],
                 "line": {"width": [3 if n["services"] else 1 for n in ordered], "color": "#333"},
-            }
+            },
+        }
+        return {"x": ex, "y": ey}, points

@@ -47,7 +47,7 @@ class TTLWatch(LabView):
         self.records_view.add_class("macula-ttl-records")
         self._seen: dict[str, tuple[float, float]] = {}  # node -> (its snapshot's time, monotonic arrival)
         self.children = [
-            w.HTML("<b>Advertisements</b> (this node's services and their re-advertisement timers)"),
+            w.HTML("<b>Advertisements</b> (every node's services and their re-advertisement timers)"),
             self.ads_view,
             w.HTML("<b>Stored provider records</b> (what each node holds for the DHT, remaining TTL)"),
             self.records_view,
@@ -80,15 +80,18 @@ class TTLWatch(LabView):
     def advertisement_rows(self) -> list[dict[str, Any]]:
         rows = []
         for node, snap, dt in self._snapshots():
+            # a stopped node's last snapshot: its record still counts down, but no timer runs
+            running = self.running(node)
             for ad in snap.get("advertisements") or []:
                 rows.append(
                     {
                         "node": node,
+                        "running": running,
                         "service": ad["service"],
                         "ttl": ad["ttl"],
                         "interval": ad["interval"],
                         "expires_in": max(0.0, ad["expires_in"] - dt),
-                        "next_fire_in": max(0.0, ad["next_fire_in"] - dt),
+                        "next_fire_in": max(0.0, ad["next_fire_in"] - dt) if running else None,
                         "count": ad["count"],
                         "lateness_ms": None if ad["lateness_last"] is None else ad["lateness_last"] * 1000.0,
                         "replicas": ad.get("replicas"),
@@ -99,6 +102,8 @@ class TTLWatch(LabView):
     def record_rows(self) -> list[dict[str, Any]]:
         rows = []
         for node, snap, dt in self._snapshots():
+            if not self.running(node):  # what a stopped node held is gone with it
+                continue
             for rec in snap.get("records") or []:
                 meta = rec.get("metadata") or {}
                 provider = meta.get("node") or rec["provider"][:12]
@@ -125,28 +130,12 @@ class TTLWatch(LabView):
             return
         ads = self.advertisement_rows()
         if ads:
-            body = "".join(
-                _tr(
-                    r["node"],
-                    r["service"],
-                    f"{r['ttl']:g} s",
-                    _bar(r["expires_in"], r["ttl"], "#2ca02c", f"{r['expires_in']:.1f} s"),
-                    _bar(
-                        r["interval"] - r["next_fire_in"],
-                        r["interval"],
-                        "#1f77b4",
-                        f"in {r['next_fire_in']:.1f} s",
-                    ),
-                    str(r["count"]),
-                    "—" if r["lateness_ms"] is None else f"{r['lateness_ms']:.1f} ms",
-                )
-                for r in ads
-            )
+            body = "".join(_ad_row(r) for r in ads)
             self.ads_view.value = _table(
                 ("node", "service", "TTL", "expires in", "next re-advertisement", "re-ads", "lateness"), body
             )
         else:
-            self.ads_view.value = "<i>no advertisements</i>"
+            self.ads_view.value = "<i>no advertisements yet</i>"
         recs = self.record_rows()
         if recs:
             shown = recs[: self.max_records]
@@ -162,13 +151,37 @@ class TTLWatch(LabView):
             more = f"<div><i>{len(recs) - len(shown)} more</i></div>" if len(recs) > len(shown) else ""
             self.records_view.value = _table(("held by", "service", "provider", "remaining TTL"), body) + more
         else:
-            self.records_view.value = "<i>no stored records</i>"
+            self.records_view.value = "<i>no stored records yet</i>"
 
     def close(self) -> None:
         if self._ticker is not None:
             with contextlib.suppress(RuntimeError):  # its loop may be closed already
                 self._ticker.cancel()
         super().close()
+
+
+def _ad_row(r: dict[str, Any]) -> str:
+    left = f"{r['expires_in']:.1f} s" if r["expires_in"] > 0 else "expired"
+    if not r["running"]:  # greyed: the node is gone, its last record runs out and nothing renews it
+        return _tr(
+            r["node"] + " (stopped)",
+            r["service"],
+            f"{r['ttl']:g} s",
+            _bar(r["expires_in"], r["ttl"], "#bbb", left),
+            "— node stopped: not re-advertised",
+            str(r["count"]),
+            "—",
+            style="color:#999",
+        )
+    return _tr(
+        r["node"],
+        r["service"],
+        f"{r['ttl']:g} s",
+        _bar(r["expires_in"], r["ttl"], "#2ca02c", left),
+        _bar(r["interval"] - r["next_fire_in"], r["interval"], "#1f77b4", f"in {r['next_fire_in']:.1f} s"),
+        str(r["count"]),
+        "—" if r["lateness_ms"] is None else f"{r['lateness_ms']:.1f} ms",
+    )
 
 
 class _Raw(str):
@@ -184,8 +197,8 @@ def _bar(value: float, full: float, colour: str, text: str) -> _Raw:
     )
 
 
-def _tr(*cells: str) -> str:
-    return "<tr>" + "".join(f"<td style='{_CELL}'>{_cell(c)}</td>" for c in cells) + "</tr>"
+def _tr(*cells: str, style: str = "") -> str:
+    return f"<tr class='macula-ttl-row' style='{style}'>" + "".join(f"<td style='{_CELL}'>{_cell(c)}</td>" for c in cells) + "</tr>"
 
 
 def _cell(c: str) -> str:

@@ -77,3 +77,11 @@ async def test_needs_two_nodes():
             await run_checklist(lab, progress=False)
     finally:
         await lab.stop()
+
+
+async def test_provider_that_readvertises_late_fails(lab):
+    report = await run_checklist(lab, ttl=1.0, progress=False, faults={"node-3": "late_readvertise"})
+    by_title = {c.title: c for c in report.checks}
+    timer, expiry = by_title["Timer fires at correct interval"], by_title["Re-advertisement happens before TTL expiry"]
+    assert not timer.passed and "node-3 fired" in timer.evidence, timer
+    assert not expiry.passed and "node-3's record lapsed" in expiry.evidence, expiry

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
+import sys
+import time
 
 import nbformat
 import pytest
 
 from macula_lab.cli import main
+from macula_lab.deploy.procs import start_node_process
 from macula_lab.procedures.runner import (
     NOTEBOOK_ENV,
     UnknownProcedure,
@@ -47,7 +52,14 @@ def test_parse_value():
 
 def test_cli_list_and_unknown(capsys):
     assert main(["procedure", "--list"]) == 0
-    assert "01_local_multi_node" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    lines = listed.splitlines()
+    for stem in PROCEDURES:
+        [i] = [i for i, line in enumerate(lines) if line.startswith(stem + " ")]
+        assert len(lines[i].split(None, 1)) == 2, f"{stem} has no description"
+        needs_nodes = stem[:2] in ("02", "03", "04")
+        assert lines[i + 1].strip().startswith("needs ") == needs_nodes, lines[i + 1]
+    assert "seed" not in listed.lower() and "option" not in listed.lower()
     assert main(["procedure", "nope"]) == 2
 
 
@@ -101,3 +113,69 @@ def test_no_report_is_a_failure(tmp_path, monkeypatch):
     run = run_procedure("90", output_dir=tmp_path / "out", html=False)
     assert run.error is None and run.reports == [] and run.exit_code == 1
     assert "no report was recorded" in run.summary()
+
+
+def _procedure_cli(*args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "macula_lab", "procedure", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return r, time.monotonic() - t0
+
+
+# a retry loop would wait out attach_timeout: failing well before it shows there was none
+ATTACH_TIMEOUT = 90
+
+
+@pytest.mark.slow
+def test_missing_ca_file_fails_at_once(tmp_path):
+    r, wall = _procedure_cli(
+        "02_containers", "-p", "ca", "/nonexistent/ca.pem", "-p", "attach_timeout", str(ATTACH_TIMEOUT),
+        "-o", str(tmp_path), "--no-html",
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "ca: no such file /nonexistent/ca.pem" in r.stdout
+    # progress while the kernel starts, then cell by cell
+    assert "--- starting the python3 kernel" in r.stdout and "--- cell 1/" in r.stdout, r.stdout
+    assert "waiting for the nodes" not in r.stdout and wall < ATTACH_TIMEOUT / 2, (wall, r.stdout)
+
+
+@pytest.mark.slow
+async def test_wrong_realm_fails_at_once_naming_both_realms(certs, tmp_path):
+    d = certs["node-6"].ca.parent
+    node = await start_node_process(
+        "node-6",
+        ["--listen", "quic://127.0.0.1:0", "--realm", "com.test.lab", "--certs-dir", str(d), "--health-listen", "127.0.0.1:0"],
+    )
+    try:
+        c = certs["client"]
+        r, wall = await asyncio.to_thread(
+            _procedure_cli,
+            "04_hosts", "-p", "endpoints", json.dumps([node.endpoint]), "-p", "realm", "com.test.beam",
+            "-p", "ca", str(c.ca), "-p", "cert", str(c.cert), "-p", "key", str(c.key),
+            "-p", "attach_timeout", str(ATTACH_TIMEOUT), "-o", str(tmp_path), "--no-html",
+        )
+    finally:
+        await node.stop()
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "'com.test.lab'" in r.stdout and "'com.test.beam'" in r.stdout, r.stdout
+    assert "waiting for the nodes" not in r.stdout and wall < ATTACH_TIMEOUT / 2, (wall, r.stdout)
+
+
+@pytest.mark.slow
+def test_html_report_header_and_no_input(tmp_path, monkeypatch):
+    tiny(tmp_path, BODY)
+    monkeypatch.setenv(NOTEBOOK_ENV, str(tmp_path / "nbs"))
+    run = run_procedure("90", {"passed": False}, output_dir=tmp_path / "out")
+    page = run.html.read_text()
+    assert "<title>90_tiny: FAILED</title>" in page and "macula-report-header" in page
+    assert "parameter passed" in page and "tiny: FAILED: 0/1 checks passed" in page
+    assert "hl-ipython3" not in page  # no code cells by default (the traceback still quotes the line)
+    saved = json.loads(run.report_json.read_text())
+    assert saved["parameters"] == {"passed": False} and saved["version"] and saved["date"]
+    assert (tmp_path / "out" / "plotly.min.js").is_file()
+    shown = run_procedure("90", output_dir=tmp_path / "with-input", with_input=True)
+    assert "hl-ipython3" in shown.html.read_text()

@@ -47,3 +47,19 @@ async def test_token_is_checked(nodes, certs):
             await client.inspect("t0ke")
         snap = await client.inspect("t0ken", ["node"])
         assert snap["node"]["name"] == "node-1" and set(snap) == {"time", "name", "node"}
+
+
+async def test_a_gone_provider_keeps_its_name(nodes):
+    """Selection counts of a provider that left the routing table and whose records expired read as its name."""
+    n1 = await nodes("node-1", realm=REALM)
+    n2 = await nodes("node-2", realm=REALM, bootstrap=[n1.endpoint])
+    await n1.advertise("svc.gone", lambda a: a, ttl=10)
+    await n2.call("svc.gone", 1)
+    assert [p["provider"] for p in n2.inspector.snapshot(["providers"])["providers"]] == ["node-1"]
+    # as after a kill: the contact evicted, the records gone
+    n2.dht.table.remove(n1.node_id)
+    for key, entry in n2.dht.records.entries():
+        n2.dht.records.remove(key, entry.node_id)
+    assert not n2.inspector.snapshot(["routing"])["routing"]
+    [row] = n2.inspector.snapshot(["providers"])["providers"]
+    assert row["provider"] == "node-1" and row["selected"] == 1

@@ -88,3 +88,36 @@ async def test_the_same_widgets_drive_an_attached_lab(node_processes, certs):
     finally:
         dash.close()
         await lab.stop()
+
+
+async def test_a_killed_node_looks_dead_everywhere(lab):
+    """After kill_node: greyed advertisement without a timer, no links, not offered as a target."""
+    dash = lab.dashboard(tick=None)
+    try:
+        for name in ("node-1", "node-3"):
+            await lab.node(name).advertise("svc.dead", "whoami", ttl=30)
+        full = {(a, b) for a in lab.names for b in lab.names if a != b}
+        await until(lambda: dash.topology.edges() == full, timeout=20, what="a full mesh of 3")
+        await until(lambda: len(dash.ttl.advertisement_rows()) == 2, timeout=20, what="both advertisements")
+        await lab.kill_node("node-3")
+        await lab.sample()
+        [row] = [r for r in dash.ttl.advertisement_rows() if r["node"] == "node-3"]
+        # its last record still lives in the DHT for most of its TTL; no timer renews it
+        assert not row["running"] and row["next_fire_in"] is None and row["expires_in"] > 10, row
+        dash.ttl.render()
+        page = dash.ttl.ads_view.value
+        assert "node-3 (stopped)" in page and "not re-advertised" in page
+        assert "in 0.0 s" not in page
+        assert not any("node-3" == r["holder"] for r in dash.ttl.record_rows())
+        # topology: greyed, labelled, no links either way
+        assert not any("node-3" in e for e in dash.topology.edges()), dash.topology.edges()
+        points = dash.topology.figure.data[1]
+        i = list(points.text).index("node-3 (stopped)")
+        assert points.marker.color[i] == "#ccc"
+        links = dash.topology.figure.data[0]
+        assert len(links.x) == 3  # node-1 <-> node-2 only
+        # targets: only running nodes
+        assert list(dash.call.node.options) == list(dash.advertise.node.options) == ["node-1", "node-2"]
+        assert "2/3 nodes running" in dash.header.value
+    finally:
+        dash.close()
