@@ -19,6 +19,7 @@ entry, and a sweeper removes them at their expiry).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
@@ -111,6 +112,9 @@ class Dht:
         self.refresh_interval = refresh_interval
         self.table = RoutingTable(host.node_id, k=k)
         self.records = record_store or RecordStore()
+        # STOREs still running in the background, per key: a REMOVE waits for them, or one of
+        # them landing after it would put the removed entry back on its replica
+        self._storing: dict[bytes, list[StoreResult]] = {}
         self.lookups: deque[LookupRecord] = deque(maxlen=500)
         self.rtt = RttEstimator(ceiling=query_timeout)
         self._handed_over: OrderedDict[bytes, None] = OrderedDict()  # newcomers already served
@@ -581,12 +585,13 @@ class Dht:
         narrow = await self.lookup(key, kind="store", patient=True, width=max(quorum, self.alpha))
         first = narrow.closest[:quorum]
         out = StoreResult(key, [], narrow)
+        self._storing.setdefault(key, []).append(out)
         if self._closer_than(key, first):
             self._store_here(key, entry, out)
         tasks = self._send_stores(first, key, wire, out)
         rest = self.host.spawn(self._store_rest(key, entry, wire, out, tasks), name=f"{self.host.name}:store-rest")
         if rest is None:  # the node is stopping: nothing runs on in the background
-            out.done.set()
+            self._stored(key, out)
         # every one of the closest few, not any ``quorum`` acks (this node's own copy would count):
         # a read asks the closest replica first and trusts its answer, so it must hold the record
         if tasks:
@@ -611,7 +616,16 @@ class Dht:
             later = self._send_stores([c for c in targets if c.node_id not in asked], key, wire, out)
             await asyncio.gather(*first, *later, return_exceptions=True)
         finally:
-            out.done.set()
+            self._stored(key, out)
+
+    def _stored(self, key: bytes, out: StoreResult) -> None:
+        """The last STORE of ``out`` ended."""
+        out.done.set()
+        pending = self._storing.get(key)
+        if pending is not None and out in pending:
+            pending.remove(out)
+            if not pending:
+                del self._storing[key]
 
     def _among_closest(self, key: bytes, n: int) -> bool:
         """Is this node one of the ``n`` closest to ``key`` it knows of (itself included)?"""
@@ -679,6 +693,11 @@ class Dht:
 
     async def remove(self, key: bytes, provider_id: bytes) -> int:
         """Remove one provider's entry from the k closest nodes (and here); returns how many removed it."""
+        pending = [out.done.wait() for out in self._storing.get(key, ())]
+        if pending:  # our own STOREs of this key still running must not land after the REMOVE
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.query_timeout * 4):
+                    await asyncio.gather(*pending)
         result = await self.lookup(key, kind="remove", patient=True)
         replies = await asyncio.gather(
             *(
