@@ -35,7 +35,7 @@ TIMEOUT_MS = 60_000
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.timeout(180),
+    pytest.mark.timeout(300),
     pytest.mark.skipif(
         not os.path.exists(CHROMIUM),
         reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install -y chromium; .ci/run does it)",
@@ -342,6 +342,8 @@ def test_dashboard_after_a_kill(jupyterlab):
                 ".join(',') === 'node-1,node-2'",
                 timeout=TIMEOUT_MS,
             )
+            # the plots drew their data, not empty default axes
+            page.wait_for_function(f"({RTT_POINTS})() >= 1", timeout=TIMEOUT_MS)
             page.locator(".macula-dashboard").scroll_into_view_if_needed()
             page.screenshot(path=str(ARTIFACTS / "browser-dashboard-after-kill.png"), full_page=True)
         except Exception:
@@ -387,6 +389,32 @@ def test_report_opens_offline_with_its_header_and_plots(tmp_path):
         except Exception:
             with contextlib.suppress(Exception):
                 page.screenshot(path=str(ARTIFACTS / "browser-report-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+
+
+def test_quickstart_run_all_leaves_a_live_dashboard(jupyterlab):
+    """00_quickstart under Run All: after its last cell, its dashboard is still there and live."""
+    from playwright.sync_api import sync_playwright
+
+    shutil.copy(ROOT / "notebooks" / "00_quickstart.ipynb", jupyterlab.root / "00_quickstart.ipynb")
+    url = f"{jupyterlab.base}/lab/tree/00_quickstart.ipynb?token={jupyterlab.token}"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 2700})
+        page.set_default_timeout(TIMEOUT_MS)
+        try:
+            _run_all(page, url)
+            page.locator(".jp-OutputArea-output", has_text="all checks passed").wait_for(timeout=3 * TIMEOUT_MS)
+            header = page.locator(".macula-dashboard-header")
+            header.wait_for()
+            assert "nodes running" in header.inner_text()
+            page.locator(".macula-call-button").first.wait_for(state="visible")
+        except Exception:
+            with contextlib.suppress(Exception):
+                page.screenshot(path=str(ARTIFACTS / "browser-quickstart-failure.png"), full_page=True)
             raise
         finally:
             browser.close()

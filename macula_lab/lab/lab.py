@@ -77,8 +77,11 @@ class NeedsMemoryNetwork(LabError):
     code = "needs_memory_network"
 
 
-class Lab:
-    """A set of nodes (local or attached) with sampling, metrics and views.  Build with :meth:`start` or :meth:`attach`."""
+class Lab(_sync.AsyncFirst):
+    """A set of nodes (local or attached) with sampling, metrics and views.  Build with :meth:`start` or :meth:`attach`.
+
+    Every async method has a sync twin for scripts (``lab.sample_sync()``, ``lab.add_node_sync()``).
+    """
 
     def __init__(
         self,
@@ -111,7 +114,8 @@ class Lab:
         self.snapshots: dict[str, dict[str, Any]] = {}
         self.events = RowLog(maxlen=5000, columns=("at", "node", "kind", "service", "detail"), title="events")
         self.recorder = MetricsRecorder()
-        #: failures of background work (sampling, widget actions): surfaced, never lost
+        #: failures of background work (sampling, view updates, lab tasks): surfaced, never lost;
+        #: a failed call or advertise the user asked for stays with it (its widget, its exception)
         self.errors = RowLog(maxlen=1000, columns=("at", "where", "error"), title="background errors")
         self._listeners: list[Callable[[Lab], None]] = []
         self._event_since: dict[str, float] = {}
@@ -257,7 +261,9 @@ class Lab:
                 timeout=timeout,
                 name=f"{client_name}-{i}",
             )
-            return AttachedNode(client.peer.name or url, url, client, token)
+            handle = AttachedNode(client.peer.name or url, url, client, token)
+            handle._loop = lab._loop
+            return handle
 
         results = await asyncio.gather(*(one(i, u) for i, u in enumerate(urls, 1)), return_exceptions=True)
         failed = [(u, r) for u, r in zip(urls, results, strict=True) if isinstance(r, BaseException)]
@@ -336,6 +342,7 @@ class Lab:
                 **kw,
             )
         handle = LocalNode(node)
+        handle._loop = self._loop
         self._nodes[name] = handle
         try:
             await node.start()
@@ -372,6 +379,7 @@ class Lab:
                 target.endpoint, realm=self.realm, name=name, ca=str(creds.ca), cert=str(creds.cert), key=str(creds.key)
             )
         handle = AttachedNode(name, target.endpoint, client, self.token)
+        handle._loop = self._loop
         self.clients[name] = handle
         return handle
 
@@ -548,41 +556,25 @@ class Lab:
         loop = _sync.background_loop()
         return _sync.run(cls.attach(urls, **kw), loop, _sync.DEFAULT_TIMEOUT)
 
-    def _run(self, coro, timeout: float | None = _sync.DEFAULT_TIMEOUT):
-        if self._loop is None:
-            coro.close()
-            raise LabError("this lab has no loop (it was never started)")
-        return _sync.run(coro, self._loop, timeout)
+    def _sync_loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
 
-    def stop_sync(self) -> None:
-        self._run(self.stop())
-
-    def add_node_sync(self, name: str | None = None, **options: Any) -> LabNode:
-        return self._run(self.add_node(name, **options))
-
-    def stop_node_sync(self, name: str) -> None:
-        self._run(self.stop_node(name))
-
-    def kill_node_sync(self, name: str) -> None:
-        self._run(self.kill_node(name))
-
-    def sample_sync(self) -> dict[str, dict[str, Any]]:
-        return self._run(self.sample())
-
+    # stop_sync, add_node_sync, sample_sync, ...: made from the async methods (AsyncFirst);
+    # the ones below predate the node twins and take the node's name first
     def advertise_sync(self, node: str, service: str, handler: Any, **kw: Any) -> int:
-        return self._run(self.node(node).advertise(service, handler, **kw))
+        return self.node(node).advertise_sync(service, handler, **kw)
 
     def unadvertise_sync(self, node: str, service: str) -> int:
-        return self._run(self.node(node).unadvertise(service))
+        return self.node(node).unadvertise_sync(service)
 
     def discover_sync(self, node: str, service: str, **kw: Any):
-        return self._run(self.node(node).discover(service, **kw))
+        return self.node(node).discover_sync(service, **kw)
 
     def call_sync(self, node: str, service: str, args: Any = None, **kw: Any):
-        return self._run(self.node(node).call(service, args, **kw))
+        return self.node(node).call_sync(service, args, **kw)
 
     def inspect_sync(self, node: str, sections: Any = None) -> dict[str, Any]:
-        return self._run(self.node(node).inspect(sections))
+        return self.node(node).inspect_sync(sections)
 
     # ------------------------------------------------------------ views
     def dashboard(self, **kw: Any):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ..core.params import DEFAULT_CALL_TIMEOUT, DEFAULT_TTL
 from ..errors import MaculaError
 from ..runtime.handlers import make_handler
+from .sync import AsyncFirst
 
 if TYPE_CHECKING:
     from ..core.records import ProviderEntry
@@ -38,10 +39,15 @@ def resolve_handler(handler: str | Callable[[Any], Any], node_name: str) -> Call
     return make_handler(handler, node_name) if isinstance(handler, str) else handler
 
 
-class LabNode(ABC):
-    """What every lab node offers (see the module docstring)."""
+class LabNode(AsyncFirst, ABC):
+    """What every lab node offers (see the module docstring).
+
+    Each async method has a sync twin for scripts: ``node.call_sync("svc", args)``.
+    """
 
     kind = "?"
+    #: the loop the node's coroutines run on (the lab's): where the sync twins run them
+    _loop: asyncio.AbstractEventLoop | None = None
     #: True for a node running in this process (its :class:`~macula_lab.runtime.node.Node` is ``.node``)
     is_local = False
     name: str
@@ -92,6 +98,9 @@ class LabNode(ABC):
         a ``reset`` with the whole set, then ``added``/``updated``/``removed``/``expired``
         with increasing ``index``; ``since=`` resumes after an index.
         """
+
+    def _sync_loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
 
     def require_running(self) -> None:
         if not self.running:

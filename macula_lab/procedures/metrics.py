@@ -54,7 +54,7 @@ def configure_plotly(renderer: str = "plotly_mimetype+notebook") -> None:
     pio.renderers.default = renderer
 
 
-def plot_metrics(lab: Lab, title: str = "Performance metrics (seed)"):
+def plot_metrics(lab: Lab, title: str = "Performance metrics"):
     """Six panels: DHT query latency, RPC round trip, re-advertisement lateness, cache hit ratio,
     provider selection, memory.  Needs plotly and pandas (the ``notebook`` extra)."""
     import plotly.graph_objects as go
@@ -80,10 +80,13 @@ def plot_metrics(lab: Lab, title: str = "Performance metrics (seed)"):
         ("readvertise_lateness_ms", 1, 3, "markers+lines"),
         ("cache_hit_ratio", 2, 1, "lines"),
     ]
+    in_legend: set[str] = set()  # one legend entry per node, whichever panel shows it first
     for metric, row, col, mode in panels:
         for node in names:
             part = table[(table["metric"] == metric) & (table["node"] == node)]
             if len(part):
+                first = node not in in_legend
+                in_legend.add(node)
                 fig.add_trace(
                     go.Scatter(
                         x=part["time"],
@@ -91,7 +94,7 @@ def plot_metrics(lab: Lab, title: str = "Performance metrics (seed)"):
                         mode=mode,
                         name=node,
                         legendgroup=node,
-                        showlegend=metric == "dht_query_ms" or not _has(table, "dht_query_ms", node),
+                        showlegend=first,
                         marker={"color": colour_for(node, names), "size": 5},
                     ),
                     row=row,
@@ -115,7 +118,9 @@ def plot_metrics(lab: Lab, title: str = "Performance metrics (seed)"):
                 col=2,
             )
     rss = table[table["metric"] == "process_rss_bytes"]
-    for node in names:
+    # nodes in this process share its memory: one line, not the same one per node
+    shared = getattr(lab, "mode", "") == "local"
+    for node in names[:1] if shared else names:
         part = rss[rss["node"] == node]
         if len(part):
             fig.add_trace(
@@ -123,25 +128,28 @@ def plot_metrics(lab: Lab, title: str = "Performance metrics (seed)"):
                     x=part["time"],
                     y=part["value"] / 2**20,
                     mode="lines",
-                    name=node,
-                    legendgroup=node,
-                    showlegend=False,
-                    line={"color": colour_for(node, names)},
+                    name="the lab's process (all its nodes)" if shared else node,
+                    legendgroup="process" if shared else node,
+                    showlegend=shared,
+                    line={"color": "#555" if shared else colour_for(node, names)},
                 ),
                 row=2,
                 col=3,
             )
+    for row, col in ((1, 1), (1, 2), (1, 3), (2, 1), (2, 3)):  # times of day, to the ms when zoomed in
+        fig.update_xaxes(type="date", tickformatstops=TIME_TICKS, row=row, col=col)
     fig.update_layout(title=title, height=620, margin={"t": 80, "l": 40, "r": 20, "b": 40}, barmode="group")
     return fig
 
 
+#: d3 time formats by zoom (plotly's default shows "03:07:59.05" next to full dates)
+TIME_TICKS = [
+    {"dtickrange": [None, 1000], "value": "%H:%M:%S.%L"},
+    {"dtickrange": [1000, None], "value": "%H:%M:%S"},
+]
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 
 
 def colour_for(name: str, names: list[str]) -> str:
     """One colour per node name, stable within a figure."""
     return PALETTE[names.index(name) % len(PALETTE)] if name in names else "#999"
-
-
-def _has(table, metric: str, node: str) -> bool:
-    return bool(len(table[(table["metric"] == metric) & (table["node"] == node)]))

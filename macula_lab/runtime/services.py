@@ -190,6 +190,39 @@ class CallResult:
     attempts: tuple[Attempt, ...]
     cache_hit: bool
 
+    @property
+    def failed_over(self) -> bool:
+        """Whether a provider failed before this one answered."""
+        return any(a.error for a in self.attempts)
+
+    def _how(self) -> str:
+        how = "cache hit" if self.cache_hit else "looked up in the DHT"
+        failed = [a.provider for a in self.attempts if a.error]
+        return how + (f", failed over from {', '.join(failed)}" if failed else "")
+
+    def __repr__(self) -> str:  # names, not the 64-hex ids of the dataclass repr
+        return (
+            f"<CallResult {self.service} answered by {self.provider} in {self.latency * 1000:.2f} ms "
+            f"({self._how()}): {self.value!r}>"
+        )
+
+    def _repr_html_(self) -> str:
+        import html
+
+        rows = "".join(
+            f"<tr><td>{html.escape(a.provider)}</td><td>{a.duration * 1000:.2f} ms</td>"
+            f"<td>{html.escape(a.error or 'ok')}</td></tr>"
+            for a in self.attempts
+        )
+        return (
+            f"<div class='macula-call-result'><b>{html.escape(self.service)}</b> answered by "
+            f"<b>{html.escape(self.provider)}</b> <code>{html.escape(self.endpoint)}</code> in "
+            f"<b>{self.latency * 1000:.2f} ms</b> ({html.escape(self._how())})"
+            f"<pre style='margin:2px 0'>{html.escape(repr(self.value))}</pre>"
+            f"<details><summary>{len(self.attempts)} attempt(s)</summary><table><thead><tr><th>provider</th>"
+            f"<th>took</th><th>result</th></tr></thead><tbody>{rows}</tbody></table></details></div>"
+        )
+
 
 @dataclass(frozen=True)
 class Event:

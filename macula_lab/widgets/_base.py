@@ -5,8 +5,9 @@ redraws from ``lab.snapshots`` / ``lab.recorder`` (state the lab already holds:
 a view never awaits the network to draw).  Buttons start coroutines with
 :meth:`LabView.run`, which runs them as tasks the lab owns on the lab's loop
 (the kernel's loop in a notebook), keeps the task as ``view.last_task`` (tests
-and cells can await it) and reports the outcome in ``view.status``: an error is
-shown in the widget and recorded in ``lab.errors``, never swallowed.
+and cells can await it) and reports the outcome in ``view.status``: an error of the action is
+shown in the widget (and kept in ``view.last_error``), never swallowed; a bug
+while showing a result is a background error (``lab.errors``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,44 @@ def pretty(value: Any) -> str:
         return json.dumps(value, indent=1, sort_keys=True, default=str)
     except (TypeError, ValueError):
         return repr(value)
+
+
+def figure_widget(figure: Any = None, **kw: Any) -> Any:
+    """A plotly FigureWidget whose comm opens with its traces and layout already in its state.
+
+    plotly opens the comm first and sends the data as an update right after; a browser
+    that builds the view between the two (a busy page, a re-run cell) drew empty
+    default axes and never the data.  Here the comm opens once the state is complete.
+    """
+    import plotly.graph_objects as go
+
+    class _FigureWidget(go.FigureWidget):
+        _defer_open = True
+
+        def open(self) -> None:
+            if not self._defer_open:
+                super().open()
+
+    widget = _FigureWidget(figure, **kw) if figure is not None else _FigureWidget(**kw)
+    widget._defer_open = False
+    widget.open()
+    return widget
+
+
+def keep_figure_state(figure: Any) -> None:
+    """Make a FigureWidget's synced state (what a new browser view is drawn from) its current figure.
+
+    plotly sends changes as deltas that only views apply (to themselves and to the
+    browser-side model); it refreshes that state itself only when the FigureWidget is
+    displayed on its own, never inside a box.  A view made later (the output scrolled
+    into existence, the tab reloaded, the widget displayed again) was drawn from the
+    state at construction, and the next deltas named traces it did not have: a blank
+    plot, "trace index is out of bounds".  (traitlets sends nothing when unchanged.)
+    """
+    from copy import deepcopy
+
+    figure._widget_data = deepcopy(figure._data)
+    figure._widget_layout = deepcopy(figure._layout_obj._props)
 
 
 class LabView(w.VBox):
@@ -110,10 +149,11 @@ class LabView(w.VBox):
         async def action() -> Any:
             try:
                 result = await make()
-            except Exception as exc:  # shown in the widget and kept in lab.errors, never lost
+            except Exception as exc:
+                # the user's own action failed: shown where it was asked for (and kept in
+                # last_error), not in lab.errors, which holds failures of background work
                 self.last_error = exc
                 self.set_status(f"{what} failed: {error_text(exc)}", ERROR)
-                self.lab.report_error(f"widget {type(self).__name__}: {what}", exc)
                 return None
             finally:
                 for b in buttons:

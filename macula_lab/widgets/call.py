@@ -128,7 +128,7 @@ class CallPanel(LabView):
             except Exception as exc:
                 self.result = None
                 self.output.value = _error_html(exc)
-                self._remember(service, node, False, None, None, f"{type(exc).__name__}")
+                self._remember(service, node, False, None, None, f"{type(exc).__name__}", _failed_how(exc))
                 raise
 
         return self.run(go, f"call {service} from {node}", self._show, buttons=(self.call_button,))
@@ -151,22 +151,23 @@ class CallPanel(LabView):
             f" · {'cache hit' if res.cache_hit else 'looked up in the DHT'}</div>"
             f"<details><summary>{len(res.attempts)} attempt(s)</summary><ul>{attempts}</ul></details></div>"
         )
-        self._remember(res.service, self.node.value, True, res.provider, ms, pretty(res.value))
+        self._remember(res.service, self.node.value, True, res.provider, ms, pretty(res.value), res._how())
 
-    def _remember(self, service, node, ok, provider, ms, text) -> None:
+    def _remember(self, service, node, ok, provider, ms, text, how: str = "") -> None:
         self.history.append(
-            {"service": service, "node": node, "ok": ok, "provider": provider, "latency_ms": ms, "text": text}
-        )
+            {"service": service, "node": node, "ok": ok, "provider": provider, "latency_ms": ms, "text": text,
+             "how": how}
+        )  # fmt: skip
         rows = "".join(
             f"<tr><td>{html.escape(h['node'])}</td><td>{html.escape(h['service'])}</td>"
             f"<td>{html.escape(h['provider'] or '—')}</td>"
-            f"<td>{_ms(h['latency_ms'])}</td>"
+            f"<td>{_ms(h['latency_ms'])}</td><td>{html.escape(h['how'])}</td>"
             f"<td style='color:{'#1a7f37' if h['ok'] else '#b00020'}'>{html.escape(h['text'][:60])}</td></tr>"
             for h in reversed(self.history)
         )
         self.history_view.value = (
             "<table class='macula-call-history' style='font-size:90%'><thead><tr><th>from</th>"
-            f"<th>service</th><th>provider</th><th>ms</th><th>result</th></tr></thead><tbody>{rows}</tbody></table>"
+            f"<th>service</th><th>provider</th><th>ms</th><th>how</th><th>result</th></tr></thead><tbody>{rows}</tbody></table>"
         )
 
     # ------------------------------------------------------------ refresh
@@ -190,6 +191,11 @@ def _known_services(lab: Lab) -> set[str]:
         names.update(e["service"] for e in (snap.get("cache") or {}).get("entries", []))
     names.discard("")
     return names
+
+
+def _failed_how(exc: BaseException) -> str:
+    tried = [a.provider for a in getattr(exc, "attempts", None) or ()]
+    return f"tried {', '.join(tried)}" if tried else ""
 
 
 def _error_html(exc: BaseException) -> str:

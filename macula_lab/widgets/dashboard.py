@@ -1,6 +1,7 @@
 """The dashboard: every lab view on one page (``lab.dashboard()``).
 
     lab status
+    nodes (stop, kill, add)
     advertise | call
     TTL watch (advertisements and stored records)
     metrics
@@ -25,6 +26,7 @@ from ._base import LabView
 from .advertise import AdvertisePanel
 from .call import CallPanel
 from .metrics import MetricsDashboard
+from .nodes import NodesPanel
 from .topology import TopologyView
 from .ttl import TTLWatch
 
@@ -50,6 +52,7 @@ class Dashboard(LabView):
         self.errors_shown = errors_shown
         self.advertise = AdvertisePanel(lab, handlers)
         self.call = CallPanel(lab)
+        self.nodes = NodesPanel(lab)
         self.ttl = TTLWatch(lab, tick=tick)
         self.metrics = MetricsDashboard(lab, window=window)
         self.topology = TopologyView(lab)
@@ -63,6 +66,7 @@ class Dashboard(LabView):
         # plots full width, one under the other: plotly sizes itself to its container when drawn
         self.children = [
             self.header,
+            self.nodes,
             w.HBox([self.advertise, self.call], layout=w.Layout(flex_flow="row wrap")),
             self.ttl,
             self.metrics,
@@ -73,7 +77,7 @@ class Dashboard(LabView):
 
     @property
     def views(self) -> list[LabView]:
-        return [self.advertise, self.call, self.ttl, self.metrics, self.topology]
+        return [self.nodes, self.advertise, self.call, self.ttl, self.metrics, self.topology]
 
     def refresh(self) -> None:
         lab = self.lab

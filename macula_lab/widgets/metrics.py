@@ -22,7 +22,7 @@ import ipywidgets as w
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ._base import LabView, colour
+from ._base import LabView, colour, figure_widget, keep_figure_state
 
 if TYPE_CHECKING:
     from ..lab.lab import Lab
@@ -93,7 +93,7 @@ class MetricsDashboard(LabView):
         self.refresh()
         # a widget made from a figure holding its traces and data: traces added or restyled
         # before the browser drew the widget once left it blank or out of step
-        self.figure = go.FigureWidget(self.figure)
+        self.figure = figure_widget(self.figure)
         self.children = [self.size, self.figure, self.summary, self.status]
 
     def _on_sample(self, lab: Lab) -> None:
@@ -188,6 +188,8 @@ class MetricsDashboard(LabView):
             for trace, values in updates:
                 trace.update(values)
             self.figure.layout.annotations[5].text = f"sizes: {label}"
+        if isinstance(self.figure, go.FigureWidget):
+            keep_figure_state(self.figure)
         self._summarize(data)
 
     def _summarize(self, data: dict[str, Any]) -> None:

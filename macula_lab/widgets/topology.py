@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import plotly.graph_objects as go
 
-from ._base import LabView, colour
+from ._base import LabView, colour, figure_widget, keep_figure_state
 
 if TYPE_CHECKING:
     from ..lab.lab import Lab
@@ -40,7 +40,7 @@ class TopologyView(LabView):
         # built with its traces and their data: a FigureWidget whose traces are restyled
         # before the browser drew it once stays blank (a view made on a lab that already
         # sampled, a dashboard displayed again)
-        self.figure = go.FigureWidget(
+        self.figure = figure_widget(
             data=[
                 go.Scatter(
                     mode="lines", line={"color": "#bbb", "width": 1}, hoverinfo="skip", name="links",
@@ -122,6 +122,7 @@ class TopologyView(LabView):
             link_trace, point_trace = self.figure.data
             link_trace.update(links)
             point_trace.update(points)
+        keep_figure_state(self.figure)
 
     def _drawing(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The links' and the nodes' trace values from the latest snapshots."""

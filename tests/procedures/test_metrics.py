@@ -22,3 +22,8 @@ async def test_seed_metrics_and_plot():
     assert 0 < m["cache_hit_ratio"] <= 1 and m["memory"]["process_rss_bytes"] > 0
     names = {t.name for t in fig.data}
     assert {"node-2"} <= names and len(fig.layout.annotations) == 6  # six titled panels
+    legend = [t.name for t in fig.data if t.showlegend is not False]
+    assert len(legend) == len(set(legend)), legend  # each node once in the legend
+    [memory] = [t for t in fig.data if t.xaxis == "x6"]  # one process: one memory line, not one per node
+    assert memory.name == "the lab's process (all its nodes)"
+    assert fig.layout.xaxis.type == "date" and fig.layout.xaxis.tickformatstops[0].value == "%H:%M:%S.%L"

@@ -648,3 +648,18 @@ async def test_a_dead_provider_costs_one_timeout_not_one_per_call():
         assert row["suspect_for"] > 0
     finally:
         await lab.stop()
+
+
+async def test_call_result_reads_with_names_and_failover():
+    from macula_lab.runtime.services import Attempt, CallResult
+
+    ok = Attempt("node-1", "ab" * 32, "mem://node-1", 0.002)
+    dead = Attempt("node-3", "cd" * 32, "mem://node-3", 0.5, "CallTimeout: no answer")
+    res = CallResult("svc.x", {"r": 1}, "node-1", "ab" * 32, "mem://node-1", 0.5021, (dead, ok), False)
+    text = repr(res)
+    assert "ab" * 8 not in text and "node-1" in text and "502.10 ms" in text
+    assert "failed over from node-3" in text and res.failed_over
+    page = res._repr_html_()
+    assert "2 attempt(s)" in page and "CallTimeout: no answer" in page and "ab" * 8 not in page
+    hit = CallResult("svc.x", 1, "node-1", "ab" * 32, "mem://node-1", 0.001, (ok,), True)
+    assert "cache hit" in repr(hit) and not hit.failed_over

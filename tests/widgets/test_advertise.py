@@ -83,14 +83,17 @@ async def test_bad_input_is_refused_before_the_engine(lab, panel):
 
 
 async def test_engine_errors_are_shown_in_the_panel(lab, panel):
-    await lab.stop_node("node-3")
-    panel.node.value, panel.service.value = "node-3", "svc.down"
+    panel.node.value, panel.service.value, panel.ttl.value = "node-3", "svc.down", -5.0
     panel.advertise_button.click()
     assert await panel.last_task is None
-    assert (
-        panel.status_text == "advertise svc.down on node-3 failed: NodeNotRunning: node node-3 is not running"
-    )
-    assert "NodeNotRunning" in lab.errors[-1]["error"]
+    assert panel.status_text.startswith("advertise svc.down on node-3 failed: InvalidField: "), panel.status_text
+    assert not lab.errors  # the user's action failed where they asked: not a background error
+
+
+async def test_a_stopped_node_is_not_offered(lab, panel):
+    await lab.stop_node("node-3")
+    await lab.sample()
+    assert list(panel.node.options) == ["node-1", "node-2"]
 
 
 async def test_node_choices_follow_the_lab(lab, panel):

@@ -32,10 +32,14 @@ async def test_call_shows_result_provider_and_latency(lab, panel):
     assert [h["provider"] for h in panel.history] == [
         "node-1"
     ] and "macula-call-history" in panel.history_view.value
+    assert panel.history[-1]["how"] == "looked up in the DHT"
+    panel.call_button.click()
+    assert (await panel.last_task).cache_hit and panel.history[-1]["how"] == "cache hit"
+    assert "cache hit" in panel.history_view.value
     # the engine saw the call: node-2's provider statistics count it
     await lab.sample()
     [row] = lab.snapshots["node-2"]["providers"]
-    assert row["provider"] == "node-1" and row["selected"] == 1
+    assert row["provider"] == "node-1" and row["selected"] == 2
 
 
 async def test_bad_json_never_reaches_the_engine(lab, panel):
@@ -67,8 +71,9 @@ async def test_unknown_service_shows_service_not_found(lab, panel):
         "provider": None,
         "latency_ms": None,
         "text": "ServiceNotFound",
+        "how": "",
     }
-    assert "ServiceNotFound" in lab.errors[-1]["error"]
+    assert not lab.errors  # the call's error stays with the call
 
 
 async def test_handler_errors_come_back_by_name(lab, panel):

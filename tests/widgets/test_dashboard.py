@@ -15,7 +15,7 @@ async def test_dashboard_composes_the_views_and_closes_them(lab):
     before = len(lab._listeners)
     dash = lab.dashboard(handlers={"py": lambda a: {"py": a}})
     assert isinstance(dash, Dashboard) and "py" in dash.advertise.handler.options
-    assert len(lab._listeners) == before + 6  # the dashboard and its five views
+    assert len(lab._listeners) == before + 7  # the dashboard and its six views
     assert "3/3 nodes running" in dash.header.value and dash.errors_view.value == ""
     dash.advertise.service.value = dash.call.service.value = "svc.py"
     dash.advertise.handler.value = "py"
@@ -25,14 +25,17 @@ async def test_dashboard_composes_the_views_and_closes_them(lab):
     dash.call.call_button.click()
     assert (await dash.call.last_task).value == {"py": [1, 2]}
     await until(lambda: dash.ttl.advertisement_rows(), what="the TTL watch row")
-    # errors anywhere in the lab are listed under the dashboard
+    # a failed call stays with the call; background failures are listed under the dashboard
     dash.call.service.value = "svc.missing"
     dash.call.call_button.click()
     await dash.call.last_task
-    await until(lambda: "ServiceNotFound" in dash.errors_view.value, what="the error listed")
+    assert "ServiceNotFound" in dash.call.status_text
+    lab.report_error("sampling node-9", TimeoutError("no answer"))
+    await until(lambda: "sampling node-9: TimeoutError" in dash.errors_view.value, what="the error listed")
+    assert "ServiceNotFound" not in dash.errors_view.value
     # running the cell again replaces the dashboard: the first one stops listening
     again = lab.dashboard()
-    assert dash.closed and len(lab._listeners) == before + 6
+    assert dash.closed and len(lab._listeners) == before + 7
     again.close()
     widgets = [dash, *dash.views, dash.advertise.advertise_button, dash.metrics.figure, dash.topology.figure]
     dash.close()
@@ -56,6 +59,8 @@ async def test_the_same_widgets_drive_an_attached_lab(node_processes, certs):
     dash = dashboard(lab, handlers={"local": local})
     try:
         assert lab.mode == "attached" and "attached" in dash.header.value
+        # their orchestrator manages the nodes: no stop / kill / add from here
+        assert all(b.disabled for b in (dash.nodes.stop_button, dash.nodes.kill_button, dash.nodes.add_button))
         ads, call = dash.advertise, dash.call
         ads.node.value, ads.service.value, ads.handler.value = "node-1", "test.calculator", "calculator"
         ads.advertise_button.click()

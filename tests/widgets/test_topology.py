@@ -26,6 +26,8 @@ async def test_nodes_and_links_follow_the_routing_tables(lab):
         assert links.meta == "links" and points.meta == "nodes"
         assert list(points.text) == ["node-1", "node-2", "node-3"]
         assert len(links.x) == 3 * 3  # three undirected links, each x0, x1, None
+        # the synced state a browser view is drawn from follows the figure (not its first draw)
+        assert len(view.figure._widget_data[1]["x"]) == 3 and len(view.figure._widget_data[0]["x"]) == 9
         assert all(math.isclose(math.hypot(x, y), 1.0) for x, y in zip(points.x, points.y, strict=True))
         await lab.node("node-2").advertise("svc.topo", "whoami", ttl=30)
         await lab.add_node("edge")
