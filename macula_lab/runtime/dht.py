@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,7 @@ from ..core.records import ProviderEntry, RecordStore, keys_to_hand_over
 from ..core.routing import Contact, PingNeeded, RoutingTable
 from ..core.session import PeerInfo
 from ..errors import InvalidField, MaculaError
-from ..transport.base import raise_for_error
+from ..transport.base import raise_for_error, wall_time
 
 if TYPE_CHECKING:
     from .host import Host
@@ -62,7 +61,7 @@ class LookupRecord:
     failures: int
     duration: float
     found: bool
-    at: float = field(default_factory=time.time)
+    at: float = field(default_factory=wall_time)
 
 
 @dataclass
