@@ -130,6 +130,18 @@ def test_05_selection_and_failover(tmp_path):
     assert report["metrics"]["failover_rows"]
 
 
+def test_06_scale_study(tmp_path):
+    """Small defaults (two sizes, a short churn, three small reruns): every check is a real verdict."""
+    run = run_procedure("06", output_dir=tmp_path, html=False)
+    report = check_run(run)
+    assert {c["group"] for c in report["checks"]} == {"Scale", "Churn", "Determinism"}
+    scale = report["metrics"]["scale"]
+    assert [r["N"] for r in scale] == [50, 100]
+    assert all(r["msgs_per_lookup"] > 0 and r["sim_s_per_wall_s"] > 0 for r in scale)
+    assert report["metrics"]["churn"]["killed"] > 0
+    assert run.wall < 90, f"the scale study took {run.wall:.1f}s with its CI defaults"
+
+
 def test_08_load(tmp_path):
     """Small defaults: a 1.5 s open-loop run, a two-step saturation search, a short closed loop."""
     small = {

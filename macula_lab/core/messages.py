@@ -13,13 +13,12 @@ request; replies are matched by id, never by arrival order.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from enum import IntEnum
 from typing import Any, NamedTuple
 
 from ..errors import InvalidField, MissingField
-from . import params
+from . import entropy, params
 from .endpoint import check_endpoint
 from .selection import check_strategy
 
@@ -242,7 +241,7 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
 
 def new_id() -> bytes:
     """A fresh random request id (the reference used colliding counters)."""
-    return os.urandom(ID_SIZE)
+    return entropy.randbytes(ID_SIZE)
 
 
 def validate(mtype: MessageType, body: Any) -> dict[str, Any]:

@@ -20,12 +20,11 @@ import html
 import logging
 import os
 import resource
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from ..core import params
+from ..core import entropy, params
 from ..core.codec import DEFAULT_MAX_FRAME_SIZE
 from ..core.endpoint import parse_endpoint, parse_host_port
 from ..core.messages import NODE_ID_SIZE, Frame, MessageType
@@ -87,7 +86,7 @@ class Node:
                     f"node_id: the certificate binds {bound.hex()[:12]}, not {node_id.hex()[:12]}", field="node_id"
                 )
             node_id = bound
-        node_id = node_id or os.urandom(NODE_ID_SIZE)
+        node_id = node_id or entropy.randbytes(NODE_ID_SIZE)
         name = params.check_node_name(name) if name is not None else f"node-{node_id.hex()[:8]}"
         params.check_realm(realm)
         request_timeout = params.check_timeout(request_timeout, "request_timeout")
@@ -367,7 +366,7 @@ class Node:
     # ------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:
         started = self.host.started_at
-        uptime = time.monotonic() - started if started and self.running else 0.0
+        uptime = asyncio.get_running_loop().time() - started if started and self.running else 0.0
         return {
             "name": self.name,
             "realm": self.realm,
