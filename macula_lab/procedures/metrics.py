@@ -11,7 +11,7 @@ Network Latency               ``rpc_rtt_ms`` samples (one per successful call)
 Memory Usage                  ``process_rss_bytes``, ``stored_records``, ``tasks``
 ============================  ==================================================
 
-:func:`seed_metrics` gives them as a JSON-able dict (recorded in the report),
+:func:`guide_metrics` gives them as a JSON-able dict (recorded in the report),
 :func:`plot_metrics` as one plotly figure.
 """
 
@@ -29,7 +29,7 @@ SEED_METRICS = {
 }
 
 
-def seed_metrics(lab: Lab) -> dict[str, Any]:
+def guide_metrics(lab: Lab) -> dict[str, Any]:
     """The testing guide's metrics over the whole run (latest gauges summed over nodes; samples as quantiles)."""
     summary = lab.metrics_summary()
     out: dict[str, Any] = {name: summary.get(metric, {"count": 0}) for name, metric in SEED_METRICS.items()}
