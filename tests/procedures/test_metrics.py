@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from macula_lab.lab import Lab
-from macula_lab.procedures.metrics import plot_metrics, guide_metrics
+from macula_lab.procedures.metrics import guide_metrics, plot_metrics
 
 
 async def test_guide_metrics_and_plot():
