@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/transport.py
 	$(BIN)/python bench/dht.py
 	$(BIN)/python bench/services.py
+	$(BIN)/python bench/procedure.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

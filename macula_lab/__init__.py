@@ -21,6 +21,7 @@ from .lab.client import Client, connect  # noqa: E402
 from .lab.lab import Lab  # noqa: E402
 from .runtime.node import Node  # noqa: E402
 from .runtime.services import AllProvidersFailed, CallTimeout, RemoteError, ServiceNotFound  # noqa: E402
+from .sim import Simulation  # noqa: E402
 
 __all__ = [
     "AllProvidersFailed",
@@ -39,6 +40,7 @@ __all__ = [
     "Unauthenticated",
     "Lab",
     "Node",
+    "Simulation",
     "PeerError",
     "RealmMismatch",
     "RequestTimeout",

@@ -22,21 +22,24 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import pytest
-
 from macula_lab.deploy.manifests import NodeSpec
 from macula_lab.deploy.procs import NodeProcess, wait_ready
 from macula_lab.transport.certs import ensure_ca, issue_client_cert, issue_node_cert
+
+from .strict import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
 def tool(name: str) -> str:
-    """A command-line tool installed with the test extra (next to this python), else on PATH; else skip."""
+    """A command-line tool installed with the test extra (next to this python), else on PATH; else skip.
+
+    (Under MACULA_STRICT=1 a missing tool fails the test.)
+    """
     path = BIN / name if (BIN / name).exists() else shutil.which(name)
     if not path:
-        pytest.skip(f"{name} is not installed (pip install -e '.[test]')")
+        skip_or_fail(f"{name} is not installed (pip install -e '.[test]')")
     return str(path)
 
 

@@ -11,7 +11,23 @@ from macula_lab.runtime.node import Node
 from macula_lab.transport.certs import issue_client_cert, lab_certs
 from macula_lab.transport.quic import TlsConfig
 
+from .strict import fail_skipped
+
 pytest_plugins = ["tests.fixtures_netns"]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under MACULA_STRICT=1 every skip (mark, fixture, importorskip, pytest.skip) is a failure."""
+    outcome = yield
+    fail_skipped(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """The same for a module skipped at import (``pytest.importorskip`` at module level)."""
+    outcome = yield
+    fail_skipped(outcome.get_result())
 
 NAMES = [f"node-{i}" for i in range(1, 41)] + ["raw"]
 

@@ -1,7 +1,8 @@
 """Pytest fixtures for multi-host runs in network namespaces (see :mod:`macula_lab.deploy.netns`).
 
 Registered in ``tests/conftest.py`` (``pytest_plugins``).  Without root or
-iproute2 every test using them is skipped with the reason.
+iproute2 every test using them is skipped with the reason (fails under
+``MACULA_STRICT=1``, as in CI).
 
     async def test_x(netns_mesh):                 # 3 nodes from docker/compose.yaml
         client = await macula_lab.connect(netns_mesh.endpoint("node-2"), realm=netns_mesh.realm,
@@ -25,13 +26,15 @@ import pytest
 
 from macula_lab.deploy.netns import NetnsMesh, unavailable_reason
 
+from .strict import skip_or_fail
+
 
 @pytest.fixture(scope="session")
 def netns_available() -> None:
-    """Skip (with the reason) where network namespaces cannot be made."""
+    """Skip (with the reason) where network namespaces cannot be made; fail under MACULA_STRICT=1."""
     reason = unavailable_reason()
     if reason:
-        pytest.skip(f"network namespaces unavailable: {reason}")
+        skip_or_fail(f"network namespaces unavailable: {reason}")
 
 
 @pytest.fixture

@@ -18,10 +18,10 @@ round (leading zero bits), which only matters when comparing table dumps.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 
 from ..errors import InvalidField
+from . import entropy
 
 ID_BITS = 256
 ID_BYTES = ID_BITS // 8
@@ -64,7 +64,7 @@ def bucket_index(self_id: bytes, other_id: bytes) -> int:
 
 def random_id(rng: random.Random | None = None) -> bytes:
     """A fresh random id (node ids, lookup targets); pass ``rng`` for a reproducible simulation."""
-    return os.urandom(ID_BYTES) if rng is None else rng.randbytes(ID_BYTES)
+    return entropy.randbytes(ID_BYTES) if rng is None else rng.randbytes(ID_BYTES)
 
 
 def random_id_in_bucket(self_id: bytes, index: int, rng: random.Random | None = None) -> bytes:

@@ -215,7 +215,10 @@ class Lookup:
         return [
             c.contact
             for c in self._candidates.values()
-            if c.state is _State.IN_FLIGHT and now - c.sent_at >= per_query_timeout
+            # the same sum next_deadline() gives the driver's timer: ``now - sent >= timeout`` can be
+            # false at exactly that time (float rounding), and a clock that does not move on
+            # between wake-ups (a virtual one) would then wake the lookup again and again
+            if c.state is _State.IN_FLIGHT and now >= c.sent_at + per_query_timeout
         ]
 
     # -------------------------------------------------------------- status

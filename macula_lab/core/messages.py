@@ -13,13 +13,12 @@ request; replies are matched by id, never by arrival order.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from enum import IntEnum
 from typing import Any, NamedTuple
 
 from ..errors import InvalidField, MissingField
-from . import params
+from . import entropy, params
 from .endpoint import check_endpoint
 from .selection import check_strategy
 
@@ -46,6 +45,10 @@ class MessageType(IntEnum):
     DISCOVER_REPLY = 0x29
     SERVICE_CALL = 0x2A  # "call this service through the mesh for me"
     SERVICE_REPLY = 0x2B
+    SERVICE_WATCH = 0x2C  # "watch this service for me": the node runs the watch and relays its events
+    SERVICE_WATCH_REPLY = 0x2D
+    SERVICE_EVENT = 0x2E  # node -> attached client, over the client's session
+    SERVICE_EVENT_REPLY = 0x2F
     FIND_NODE = 0x40
     FIND_NODE_REPLY = 0x41
     STORE = 0x42
@@ -54,6 +57,10 @@ class MessageType(IntEnum):
     STORE_REPLY = 0x45  # new: the reference's STORE had no reply
     REMOVE = 0x46  # new: the reference could not delete remotely
     REMOVE_REPLY = 0x47
+    WATCH = 0x48  # new: subscribe at a replica to changes of a key's provider set (a lease)
+    WATCH_REPLY = 0x49
+    WATCH_EVENT = 0x4A  # new: replica -> subscriber, a key's provider set changed
+    WATCH_EVENT_REPLY = 0x4B
     # lab inspection (new): what the views show, only for holders of the admin token
     INSPECT = 0x50
     INSPECT_REPLY = 0x51
@@ -68,10 +75,14 @@ REPLY_TO: dict[MessageType, MessageType] = {
     MessageType.UNADVERTISE: MessageType.UNADVERTISE_REPLY,
     MessageType.DISCOVER: MessageType.DISCOVER_REPLY,
     MessageType.SERVICE_CALL: MessageType.SERVICE_REPLY,
+    MessageType.SERVICE_WATCH: MessageType.SERVICE_WATCH_REPLY,
+    MessageType.SERVICE_EVENT: MessageType.SERVICE_EVENT_REPLY,
     MessageType.FIND_NODE: MessageType.FIND_NODE_REPLY,
     MessageType.FIND_VALUE: MessageType.FIND_VALUE_REPLY,
     MessageType.STORE: MessageType.STORE_REPLY,
     MessageType.REMOVE: MessageType.REMOVE_REPLY,
+    MessageType.WATCH: MessageType.WATCH_REPLY,
+    MessageType.WATCH_EVENT: MessageType.WATCH_EVENT_REPLY,
     MessageType.INSPECT: MessageType.INSPECT_REPLY,
 }
 REPLY_TYPES = frozenset(REPLY_TO.values()) | {MessageType.ERROR}
@@ -182,6 +193,20 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "node_id": STR,
         "latency": Field((int, float)),
     },
+    MessageType.SERVICE_WATCH: {
+        "id": REQ_ID,
+        "service": SERVICE,
+        # chosen by the client, so events that overtake this reply find their watch
+        "watch": checked(INT, params.check_watch_index),
+        "after": optional(checked(INT, params.check_watch_index)),  # resume after this index
+    },
+    MessageType.SERVICE_WATCH_REPLY: {"id": REQ_ID, "watch": INT},
+    MessageType.SERVICE_EVENT: {
+        "id": REQ_ID,
+        "watch": INT,
+        "events": checked(LIST, params.check_watch_batch),
+    },
+    MessageType.SERVICE_EVENT_REPLY: {"id": REQ_ID, "ok": BOOL},
     MessageType.FIND_NODE: {"id": REQ_ID, "target": NODE_ID},
     MessageType.FIND_NODE_REPLY: {"id": REQ_ID, "nodes": LIST},
     MessageType.FIND_VALUE: {"id": REQ_ID, "key": NODE_ID, "all": optional(BOOL)},  # all: contacts too
@@ -194,6 +219,16 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
     MessageType.STORE_REPLY: {"id": REQ_ID, "stored": BOOL},
     MessageType.REMOVE: {"id": REQ_ID, "key": NODE_ID, "provider": NODE_ID},
     MessageType.REMOVE_REPLY: {"id": REQ_ID, "removed": BOOL},
+    MessageType.WATCH: {"id": REQ_ID, "key": NODE_ID, "lease": checked(SECONDS, params.check_watch_lease)},
+    # removed: [provider, seq] of the advertisements this replica saw removed (its tombstones)
+    MessageType.WATCH_REPLY: {"id": REQ_ID, "lease": SECONDS, "value": LIST, "removed": optional(LIST)},
+    MessageType.WATCH_EVENT: {
+        "id": REQ_ID,
+        "key": NODE_ID,
+        "kind": checked(STR, params.check_watch_change),
+        "value": MAP,
+    },
+    MessageType.WATCH_EVENT_REPLY: {"id": REQ_ID, "ok": BOOL},
     MessageType.INSPECT: {
         "id": REQ_ID,
         "token": STR,
@@ -206,7 +241,7 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
 
 def new_id() -> bytes:
     """A fresh random request id (the reference used colliding counters)."""
-    return os.urandom(ID_SIZE)
+    return entropy.randbytes(ID_SIZE)
 
 
 def validate(mtype: MessageType, body: Any) -> dict[str, Any]:

@@ -84,6 +84,37 @@ def check_since(value: Any, field: str = "since") -> float:
     return check_seconds(value, field, low=0.0, high=1e12)
 
 
+#: a watch subscription at a replica lasts at most this long unless renewed
+MAX_WATCH_LEASE = 120.0
+#: events one SERVICE_EVENT may carry (the node batches what piled up while a push was in flight)
+MAX_WATCH_BATCH = 256
+WATCH_CHANGES = ("stored", "removed", "expired")
+
+
+def check_watch_lease(value: Any, field: str = "lease") -> float:
+    """How long a replica keeps a watch subscription: (0, 120] seconds."""
+    return check_seconds(value, field, low=0.0, high=MAX_WATCH_LEASE, low_open=True)
+
+
+def check_watch_index(value: Any, field: str = "after") -> int:
+    """A watch index to resume after: an integer in 0..2**63-1."""
+    return check_int(value, field, low=0, high=(1 << 63) - 1)
+
+
+def check_watch_change(value: Any, field: str = "kind") -> str:
+    """What a replica reports of a record: stored, removed or expired."""
+    if value not in WATCH_CHANGES:
+        raise _bad(field, f"must be one of {', '.join(WATCH_CHANGES)}, got {value!r}")
+    return value
+
+
+def check_watch_batch(value: Any, field: str = "events") -> Any:
+    """A batch of watch events: at most MAX_WATCH_BATCH of them (each is checked where it is read)."""
+    if len(value) > MAX_WATCH_BATCH:
+        raise _bad(field, f"at most {MAX_WATCH_BATCH} events per batch, got {len(value)}")
+    return value
+
+
 def check_cache_ttl(value: Any, field: str = "cache_ttl") -> float:
     """How long discovered providers are cached: 0 (no cache) .. 24 h."""
     return check_seconds(value, field, low=0.0, high=MAX_TTL)

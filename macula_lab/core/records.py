@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -153,6 +153,10 @@ class RecordStore:
         self._refused_not_owner = 0
         self._refused_quota = 0
         self._evicted_copies = 0
+        #: told of every change of a key's provider set: ``(kind, key, entry)`` with kind
+        #: "stored" (a new provider or a new advertisement of one), "removed" or "expired"
+        #: (watches learn of changes on this replica here; a re-store that only extends is no change)
+        self.listener: Callable[[str, bytes, ProviderEntry], None] | None = None
 
     # ------------------------------------------------------------- writes
     def store(self, key: bytes, entry: ProviderEntry, now: float, *, source: bytes | None = None) -> bool:
@@ -202,7 +206,10 @@ class RecordStore:
             return False
         if entry.expires_at is not None:
             self._tombstones[(key, provider_id)] = _Tombstone(entry.seq, entry.expires_at)
-        return now is None or entry.live(now)
+        live = now is None or entry.live(now)
+        if live:
+            self._notify("removed", key, entry)
+        return live
 
     def expire(self, now: float) -> list[tuple[bytes, bytes]]:
         """Drop every entry whose time has come; returns the (key, provider) pairs removed."""
@@ -214,6 +221,7 @@ class RecordStore:
                 continue  # superseded by a later store or removed
             self._drop(key, provider)
             removed.append((key, provider))
+            self._notify("expired", key, entry)
         for pair in [p for p, t in self._tombstones.items() if t.until <= now]:
             del self._tombstones[pair]
         return removed
@@ -222,6 +230,10 @@ class RecordStore:
     def get(self, key: bytes, now: float) -> list[ProviderEntry]:
         """Live entries under ``key``, in first-stored order."""
         return [e for e in self._data.get(key, {}).values() if e.live(now)]
+
+    def removed(self, key: bytes, now: float) -> list[tuple[bytes, int]]:
+        """(provider, seq) of the advertisements removed under ``key`` whose tombstones still stand."""
+        return [(p, t.seq) for (k, p), t in self._tombstones.items() if k == key and t.until > now]
 
     def next_expiry(self) -> float | None:
         """When the next entry expires (for the driver's timer), or None."""
@@ -303,6 +315,12 @@ class RecordStore:
         self._count(entry.source, +1)
         assert entry.expires_at is not None
         heapq.heappush(self._heap, (entry.expires_at, key, entry.node_id))
+        if old is None or old.seq != entry.seq or not _same_content(old, entry):
+            self._notify("stored", key, entry)
+
+    def _notify(self, kind: str, key: bytes, entry: ProviderEntry) -> None:
+        if self.listener is not None:
+            self.listener(kind, key, entry)
 
     def _drop(self, key: bytes, provider: bytes) -> ProviderEntry | None:
         providers = self._data.get(key)

@@ -57,9 +57,12 @@ def connect_body(me: Identity) -> dict[str, Any]:
     }
 
 
-def accept_connect(me: Identity, frame: Frame) -> tuple[PeerInfo, MessageType, dict[str, Any]]:
+def accept_connect(
+    me: Identity, frame: Frame, *, now: float | None = None
+) -> tuple[PeerInfo, MessageType, dict[str, Any]]:
     """Server side: judge a CONNECT.  Returns (peer, reply type, reply body).
 
+    ``now`` is the epoch time the reply states (default: the system clock).
     On a realm mismatch the reply is an ERROR with code ``realm_mismatch``
     and ``peer`` describes the refused peer; the caller must not treat that
     session as established (check ``reply type``).
@@ -96,7 +99,7 @@ def accept_connect(me: Identity, frame: Frame) -> tuple[PeerInfo, MessageType, d
             "realm": me.realm,
             "capabilities": list(me.capabilities),
             "name": me.name,
-            "server_time": time.time(),
+            "server_time": time.time() if now is None else now,
         },
     )
 

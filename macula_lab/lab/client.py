@@ -15,15 +15,18 @@ come back with the same names as on a node.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
+import random
 from typing import Any
 
 from ..core import params
-from ..core.messages import NODE_ID_SIZE, MessageType
+from ..core.messages import NODE_ID_SIZE, Frame, MessageType
 from ..core.params import DEFAULT_CALL_TIMEOUT, DEFAULT_TTL
 from ..core.records import ProviderEntry
 from ..core.session import Identity, PeerInfo
+from ..core.watch import WatchEvent
 from ..errors import InvalidField, MaculaError, PeerError, QuotaExceeded
 from ..runtime.gateway import ServiceOwnedElsewhere
 from ..runtime.host import Host, as_procedure
@@ -132,6 +135,8 @@ class Client:
         self.host = host
         self.peer = peer  # the node we are attached to
         self.advertised: dict[str, float] = {}
+        self.watches: dict[int, ClientWatch] = {}
+        host.route(MessageType.SERVICE_EVENT, self._on_service_event)
 
     @property
     def name(self) -> str:
@@ -223,6 +228,30 @@ class Client:
             name, b["result"], b["provider"], b["node_id"], "", self.host.now() - loop_t0, (), False
         )
 
+    def watch(self, name: str, *, since: int | None = None) -> ClientWatch:
+        """Watch service ``name`` through the attached node: ``async for event in client.watch(name)``.
+
+        The node runs the watch and relays its events over this session (see
+        :meth:`macula_lab.runtime.node.Node.watch`).  After a reconnect, resume
+        with ``since=`` the last ``index`` received (``watch.index``): the node
+        replays what it still holds, or starts with a ``reset``.
+        """
+        params.check_service_name(name)
+        if since is not None:
+            since = params.check_watch_index(since, "since")
+        return ClientWatch(self, name, since)
+
+    def _on_service_event(self, frame: Frame, peer: PeerInfo):
+        watch = self.watches.get(frame.body["watch"])
+        if watch is None or watch.closed or peer.node_id != self.peer.node_id:
+            return MessageType.SERVICE_EVENT_REPLY, {"ok": False}
+        for item in frame.body["events"]:
+            try:
+                watch.deliver(WatchEvent.from_wire(item))
+            except InvalidField:
+                continue
+        return MessageType.SERVICE_EVENT_REPLY, {"ok": not watch.closed}
+
     async def inspect(self, token: str, sections: Any = None, since: float = 0.0) -> dict[str, Any]:
         """The attached node's state for the lab views (see :mod:`macula_lab.runtime.inspection`).
 
@@ -233,7 +262,9 @@ class Client:
         return reply.body["snapshot"]
 
     async def close(self) -> None:
-        """Close the session: the node withdraws this client's advertisements."""
+        """Close the session: the node withdraws this client's advertisements and ends its watches."""
+        for watch in list(self.watches.values()):
+            watch.close()
         await self.host.stop()
 
     async def __aenter__(self) -> Client:
@@ -244,6 +275,99 @@ class Client:
 
     def __repr__(self) -> str:
         return f"<Client {self.name} attached to {self.url} ({len(self.advertised)} services)>"
+
+
+class ClientWatch:
+    """A watch run by the attached node (see :meth:`Client.watch`); the same events as a node's watch."""
+
+    #: events held for a consumer that does not keep up; beyond, the watch ends (resume with ``since``)
+    MAX_PENDING = 10_000
+    #: seconds without an event after which the session is checked
+    SESSION_CHECK = 1.0
+
+    def __init__(self, client: Client, service: str, since: int | None):
+        self.client = client
+        self.service = service
+        self.index: int | None = since  # the last index yielded
+        self.id = random.getrandbits(62)  # chosen here: events may overtake the node's reply
+        self.closed = False
+        self.lost = False  # the session to the node ended under the watch
+        self._since = since
+        self._started = False
+        self._last = since  # the last index received (duplicates after a resume are dropped)
+        self._queue: asyncio.Queue[WatchEvent | None] = asyncio.Queue()
+
+    async def start(self) -> ClientWatch:
+        """Ask the node to run the watch (done by the first ``next``; raises what the node refused)."""
+        if not self._started:
+            self._started = True
+            self.client.watches[self.id] = self
+            body: dict[str, Any] = {"service": self.service, "watch": self.id}
+            if self._since is not None:
+                body["after"] = self._since
+            try:
+                await self.client._ask(MessageType.SERVICE_WATCH, body, timeout=30.0)
+            except BaseException:
+                self.close()
+                raise
+        return self
+
+    def deliver(self, event: WatchEvent) -> None:
+        if self.closed or (event.kind != "reset" and self._last is not None and event.index <= self._last):
+            return
+        self._last = event.index
+        self._queue.put_nowait(event)
+        if self._queue.qsize() > self.MAX_PENDING:
+            self.close()
+
+    def __aiter__(self) -> ClientWatch:
+        return self
+
+    async def __anext__(self) -> WatchEvent:
+        event = await self.next()
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+    async def next(self, timeout: float | None = None) -> WatchEvent | None:
+        """The next event (None once the watch ended); TimeoutError after ``timeout`` seconds.
+
+        The watch also ends when the session to the node is gone (``lost`` is
+        then True): reconnect and resume with ``since=watch.index``.
+        """
+        async with asyncio.timeout(timeout):
+            await self.start()
+            while True:
+                if self.closed and self._queue.empty():
+                    return None
+                try:
+                    async with asyncio.timeout(self.SESSION_CHECK):
+                        event = await self._queue.get()
+                    break
+                except TimeoutError:
+                    # quiet: is the session still there?  (no event could come over a closed one)
+                    if self.client.host.session(self.client.url) is None:
+                        self.lost = True
+                        self.close()
+        if event is not None:
+            self.index = event.index
+        return event
+
+    def close(self) -> None:
+        """Stop: the node ends the watch when it next relays an event (or when the session ends)."""
+        if not self.closed:
+            self.closed = True
+            self.client.watches.pop(self.id, None)
+            self._queue.put_nowait(None)
+
+    async def __aenter__(self) -> ClientWatch:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<ClientWatch {self.service} index={self.index}{' closed' if self.closed else ''}>"
 
 
 def _rebuild(exc: PeerError) -> MaculaError:

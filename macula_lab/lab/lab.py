@@ -34,13 +34,13 @@ import random
 import secrets
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..core import params
 from ..errors import MaculaError
 from ..runtime.inspection import SECTIONS
+from ..transport.base import wall_time
 from ..transport.certs import issue_client_cert
 from . import sync as _sync
 from .logs import RowLog
@@ -125,7 +125,9 @@ class Lab(_sync.AsyncFirst):
         self._stopped = False
         self._dashboard: Any = None
         self._rng = random.Random()
-        self.started_at = time.time()
+        #: local nodes that had joined when added: the bootstrap peers of the next ones
+        self._joined: list[LocalNode] = []
+        self.started_at = wall_time()
 
     # ------------------------------------------------------------ building
     @classmethod
@@ -143,13 +145,15 @@ class Lab(_sync.AsyncFirst):
         loss: float = 0.0,
         seed: int | None = 0,
         sample_interval: float | None = 1.0,
+        network: Any = None,
         **node_options: Any,
     ) -> Lab:
         """Start ``n`` nodes in this loop, named node-1..node-n, joined into one mesh.
 
         ``transport``: ``"quic"`` (real QUIC + TLS on ``host``, certificates from a
         lab CA in ``certs``, a temporary directory by default) or ``"memory"``
-        (the simulated network, with ``latency``/``jitter``/``loss``).
+        (the simulated network, with ``latency``/``jitter``/``loss``; or ``network``,
+        a :class:`~macula_lab.transport.memory.MemoryNetwork` made by the caller).
         ``node_options`` go to every :class:`~macula_lab.runtime.node.Node` (k, alpha,
         cache_ttl, strategy, request_timeout, query_timeout, debug, ...).
         """
@@ -157,9 +161,10 @@ class Lab(_sync.AsyncFirst):
             raise ValueError("n must be >= 0")
         if transport not in ("quic", "memory"):
             raise ValueError(f"transport must be 'quic' or 'memory', got {transport!r}")
-        network = None
         owns = False
-        if transport == "memory":
+        if network is not None and transport != "memory":
+            raise ValueError("network= is a simulated network: it needs transport='memory'")
+        if transport == "memory" and network is None:
             from ..transport.memory import MemoryNetwork
 
             network = MemoryNetwork(seed=seed, default_latency=latency, jitter=jitter, default_loss=loss)
@@ -318,9 +323,7 @@ class Lab(_sync.AsyncFirst):
             raise LabError(f"a node named {name!r} is already in this lab")
         from ..runtime.node import Node
 
-        # up to 3 nodes that already joined, at random: joins spread over the mesh, not all on node-1
-        joined = [h.endpoint for h in self._nodes.values() if isinstance(h, LocalNode) and h.node.ready]
-        bootstrap = self._rng.sample(joined, min(3, len(joined)))
+        bootstrap = self._bootstrap_peers()
         kw = {**self._node_options, **options}
         if self.network is not None:
             node = Node(
@@ -351,7 +354,23 @@ class Lab(_sync.AsyncFirst):
             await node.stop()
             raise
         node.services.trace_calls = True  # the views show each call as an event
+        if node.ready:
+            self._joined.append(handle)
         return handle
+
+    def _bootstrap_peers(self, want: int = 3) -> list[str]:
+        """Up to ``want`` nodes that joined, at random: joins spread over the mesh, not all on node-1.
+
+        Drawn from the list of joined nodes kept as they join (scanning every
+        node's readiness per join made starting n nodes cost O(n^2)); a drawn
+        node that stopped since is dropped from the list then.
+        """
+        while True:
+            picked = self._rng.sample(self._joined, min(want, len(self._joined)))
+            gone = [h for h in picked if not h.node.ready]
+            if not gone:
+                return [h.endpoint for h in picked]
+            self._joined = [h for h in self._joined if h not in gone]
 
     async def attach_client(self, via: str, *, name: str | None = None) -> AttachedNode:
         """Connect an attached client to this lab's node ``via`` (on QUIC or the simulated network).
@@ -487,7 +506,7 @@ class Lab(_sync.AsyncFirst):
             self._listeners.remove(listener)
 
     def report_error(self, where: str, exc: BaseException) -> None:
-        self.errors.append({"at": time.time(), "where": where, "error": f"{type(exc).__name__}: {exc}"})
+        self.errors.append({"at": wall_time(), "where": where, "error": f"{type(exc).__name__}: {exc}"})
         log.warning("lab: %s failed: %s", where, exc)
 
     def metrics(self, metric: str | None = None, node: str | None = None) -> Any:
@@ -584,6 +603,10 @@ class Lab(_sync.AsyncFirst):
             self._dashboard.close()
         self._dashboard = open_view("dashboard", self, **kw)
         return self._dashboard
+
+    def watch_panel(self, service: str, *, node: str | None = None, **kw: Any):
+        """A live table of ``service``'s provider changes, watched from ``node`` (the first by default)."""
+        return open_view("watch", self, service=service, node=node, **kw)
 
     def _rows(self) -> list[dict[str, Any]]:
         rows = []

@@ -90,6 +90,15 @@ class LabNode(AsyncFirst, ABC):
     @abstractmethod
     async def inspect(self, sections: Any = None, since: float = 0.0) -> dict[str, Any]: ...
 
+    @abstractmethod
+    def watch(self, service: str, *, since: int | None = None) -> Any:
+        """Watch ``service``'s providers: ``async for event in lab.node("node-1").watch(name)``.
+
+        The same events on both kinds of node (:class:`~macula_lab.core.watch.WatchEvent`):
+        a ``reset`` with the whole set, then ``added``/``updated``/``removed``/``expired``
+        with increasing ``index``; ``since=`` resumes after an index.
+        """
+
     def _sync_loop(self) -> asyncio.AbstractEventLoop | None:
         return self._loop
 
@@ -143,6 +152,10 @@ class LocalNode(LabNode):
         self.require_running()
         return self.node.inspector.snapshot(sections, since)
 
+    def watch(self, service: str, *, since: int | None = None):
+        self.require_running()
+        return self.node.watch(service, since=since)
+
 
 class AttachedNode(LabNode):
     kind = "attached"
@@ -185,6 +198,10 @@ class AttachedNode(LabNode):
     async def inspect(self, sections: Any = None, since: float = 0.0) -> dict[str, Any]:
         self.require_running()
         return await self.client.inspect(self.token or "", sections, since)
+
+    def watch(self, service: str, *, since: int | None = None):
+        self.require_running()
+        return self.client.watch(service, since=since)
 
     async def detach(self, timeout: float = 5.0) -> None:
         """Unadvertise what the lab advertised through this node, then close the session.

@@ -1,4 +1,4 @@
-"""Multi-node test procedures: the seed's "What to verify" checklist as library code.
+"""Multi-node test procedures: the testing guide's "What to verify" checklist as library code.
 
     from macula_lab.procedures import run_checklist, assert_passed, diagnose
     report = await run_checklist(lab, ttl=3.0)   # any lab: in the kernel or attached

@@ -29,17 +29,25 @@ async def advertise_all(ctx: Context) -> list[Check]:
             )
         ]
     replicas: dict[str, int] = {}
+    first = ctx.providers[0]
+    held_by: list[str] = []
     for name in ctx.providers:
         replicas[name] = await ctx.node(name).advertise(cfg.service, ctx.handler(name), ttl=cfg.ttl)
+        if name == first:
+            # the acknowledged replicas hold the record once advertise returned; looked at before
+            # a re-advertisement could store it (a publication acknowledged but never stored fails)
+            holders = await ctx.record_holders()
+            held_by = sorted(
+                n for n, rows in holders.items() if any(r["metadata"].get("node") == first for r in rows)
+            )
         ctx.published_at.setdefault(name, time.time())
         ctx.advertised.add(name)
         ctx.progress.note(
             f"{name} advertised {cfg.service} (ttl {cfg.ttl:g}s): stored on {replicas[name]} node(s)"
         )
 
-    first = ctx.providers[0]
     published = await ctx.events(first, ("published",))
-    ok = replicas[first] >= 1 and bool(published)
+    ok = replicas[first] >= 1 and bool(published) and bool(held_by)
     checks.append(
         Check(
             GROUP,
@@ -47,7 +55,8 @@ async def advertise_all(ctx: Context) -> list[Check]:
             ok,
             replicas[first],
             "replica(s)",
-            f"{first}: published {cfg.service} replicas={replicas[first]} ttl={cfg.ttl:g}s"
+            f"{first}: published {cfg.service} replicas={replicas[first]} ttl={cfg.ttl:g}s, "
+            f"record held by {held_by or 'no node'}"
             + ("" if published else "; no 'published' event on the provider"),
         )
     )

@@ -1,10 +1,10 @@
 """Endpoints of nodes running elsewhere, from what a deployment option knows about them.
 
-- Option 2 (Docker Compose): service names -> ``quic://node-1:9443`` (the
+- containers (Docker Compose): service names -> ``quic://node-1:9443`` (the
   compose network's DNS; from the host use the published addresses instead);
-- Option 3 (k3s): pods found by label through the Kubernetes API
+- Kubernetes (k3s): pods found by label through the Kubernetes API
   (:mod:`macula_lab.deploy.k8s`), or pod addresses given;
-- Option 4 (hosts): ``beam00.lab``, ``beam00.lab:9443`` or full URLs.
+- bare hosts: ``beam00.lab``, ``beam00.lab:9443`` or full URLs.
 
 :func:`attach_lab` attaches with retries, so a notebook started together with
 its nodes waits for them (bounded by ``timeout``).

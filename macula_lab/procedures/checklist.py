@@ -4,7 +4,7 @@
     report                                              # the table
     assert_passed(report, lab)                          # raises ProcedureFailed
 
-Steps, in order (each one's checks are filed under the seed's groups):
+Steps, in order (each one's checks are filed under the testing guide's groups):
 advertise from every provider, discovery, RPC execution, re-advertisement
 (waits ``readvertise_cycles`` x 0.8 x TTL), cleanup.  A step that raises does
 not stop the run: its checks are recorded as failed with the error, and
@@ -35,7 +35,7 @@ from .rpc import rpc
 if TYPE_CHECKING:
     from ..lab.lab import Lab
 
-#: the seed's boxes, per step (used to mark a step's checks failed when it raised)
+#: the testing guide's boxes, per step (used to mark a step's checks failed when it raised)
 BOXES = {
     "advertise": [
         (ADVERTISEMENT, "Service published to DHT successfully"),

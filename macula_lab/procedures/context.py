@@ -1,6 +1,6 @@
 """What the checklist steps share: the lab, the roles of its nodes, the parameters, what was seen.
 
-The seed's scenario has roles: providers (node-1, then node-3) advertise, a
+The testing guide's scenario has roles: providers (node-1, then node-3) advertise, a
 consumer (node-2) discovers and calls.  :class:`ChecklistConfig` names them
 (defaults: the first and the last node provide, the second consumes) and holds
 the scaled-down times: a TTL of ``ttl`` seconds is re-advertised every
@@ -68,6 +68,9 @@ class Invocation:
     provider: str
     args: Any
     at: float
+    #: what the handler returned (what the caller should receive), or the exception it raised
+    result: Any = None
+    error: BaseException | None = None
 
 
 class Context:
@@ -94,14 +97,20 @@ class Context:
         return self.lab.node(name)
 
     def handler(self, provider: str):
-        """The seed's calculator, run in this process, recording every invocation."""
+        """The testing guide's calculator, run in this process, recording every invocation."""
         from ..runtime.handlers import make_handler
 
         calc = make_handler("calculator", provider)
 
         def handle(args: Any) -> Any:
-            self.invocations.append(Invocation(provider, args, time.time()))
-            return calc(args)
+            inv = Invocation(provider, args, time.time())
+            self.invocations.append(inv)
+            try:
+                inv.result = calc(args)
+            except Exception as exc:
+                inv.error = exc
+                raise
+            return inv.result
 
         return handle
 

@@ -1,10 +1,10 @@
-"""Which of the seed's Troubleshooting cases applies to a lab, and what to do about it.
+"""Which of the testing guide's Troubleshooting cases applies to a lab, and what to do about it.
 
     d = await diagnose(lab, service="test.calculator")
     d                      # a table: each case, whether it applies, the evidence, the fix
     d.verdict              # "healthy", or the first case that applies
 
-Cases (the seed's, mapped onto this mesh):
+Cases (the testing guide's, mapped onto this mesh):
 
 - **Wrong realm**: a node (or an endpoint given to probe) serves another realm.
 - **Nodes unreachable over UDP**: QUIC is UDP; a node cannot ping another, a

@@ -20,17 +20,23 @@ async def discovery(ctx: Context) -> list[Check]:
         return names if names == expected else None
 
     await ctx.wait_for(complete, cfg.propagation_timeout, 0.1)  # propagation, before measuring
+    before = await ctx.events(ctx.consumer, ("discovered",))
     t0 = time.perf_counter()
     entries = await consumer.discover(cfg.service, refresh=True)
     took_ms = (time.perf_counter() - t0) * 1000
     names = sorted(str(e.metadata.get("node") or e.node_id.hex()[:12]) for e in entries)
     discovered = await ctx.events(ctx.consumer, ("discovered",))
-    hops = discovered[-1]["detail"].get("hops") if discovered else None
+    # the answer must come from a lookup made now (a newer "discovered" event), not from the cache
+    # (more events, or a newer one when the node's event log is full)
+    queried = len(discovered) > len(before) or bool(
+        discovered and before and discovered[-1]["at"] > before[-1]["at"]
+    )
+    hops = discovered[-1]["detail"].get("hops") if queried else None
     checks = [
         Check(
             GROUP,
             "Consumer finds provider via DHT query",
-            bool(entries),
+            bool(entries) and queried,
             round(took_ms, 2),
             "ms",
             f"{ctx.consumer} found {names} in the DHT in {took_ms:.1f} ms"
@@ -40,7 +46,8 @@ async def discovery(ctx: Context) -> list[Check]:
                 " from its own replica (every node is, in a mesh smaller than k)"
                 if hops == 0
                 else ""
-            ),
+            )
+            + ("" if queried else f"; {ctx.consumer} made no DHT lookup (no new 'discovered' event)"),
         )
     ]
 

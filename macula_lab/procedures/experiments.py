@@ -1,4 +1,4 @@
-"""The seed's "Next Steps" as experiments: provider selection strategies, and failover.
+"""The testing guide's "Next Steps" as experiments: provider selection strategies, and failover.
 
 - :func:`compare_strategies`: the same calls under each strategy; which
   provider served each, and how fast.  Checks what each strategy promises.

@@ -1,10 +1,10 @@
-"""The seed's Option 1 in the kernel: three nodes, the expected output told by real events.
+"""The guide's local multi-node test in the kernel: three nodes, the expected output told by real events.
 
 :func:`start_local_lab` starts node-1..node-n with node ids ordered like their
 names, so the ``first`` strategy (lowest node id) picks node-1, as the
 reference's consumer did when it printed ``SUCCESS! ... node => <<"node-1">>``.
 
-:func:`expected_output` replays the seed's "Expected Output" from what really
+:func:`expected_output` replays the testing guide's "Expected Output" from what really
 happens: every line below ``=== Node N Log ===`` is printed from an event the
 node recorded (published, readvertise_scheduled, discovered) or from the
 handler's own invocation, and each one is a check in the returned report.
@@ -53,7 +53,7 @@ async def expected_output(
     consumer: str = "node-2",
     strategy: str = "first",
 ) -> Report:
-    """Print the seed's expected output from real events; return its checks (then unadvertise)."""
+    """Print the testing guide's expected output from real events; return its checks (then unadvertise)."""
     args = args or {"operation": "add", "a": 10, "b": 5}
     report = Report("expected output", parameters={"service": service, "ttl": ttl, "strategy": strategy})
     since: dict[str, float] = {}

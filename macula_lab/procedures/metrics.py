@@ -1,7 +1,7 @@
-"""The seed's "Performance Metrics to Collect", from the lab's metrics table, as numbers and plots.
+"""The testing guide's "Performance Metrics to Collect", from the lab's metrics table, as numbers and plots.
 
 ============================  ==================================================
-seed metric                   source (``lab.metrics()`` rows)
+guide metric                  source (``lab.metrics()`` rows)
 ============================  ==================================================
 DHT Query Latency             ``dht_query_ms`` samples (one per lookup)
 Cache Hit Ratio               ``cache_hits`` / (``cache_hits`` + ``cache_misses``)
@@ -11,7 +11,7 @@ Network Latency               ``rpc_rtt_ms`` samples (one per successful call)
 Memory Usage                  ``process_rss_bytes``, ``stored_records``, ``tasks``
 ============================  ==================================================
 
-:func:`seed_metrics` gives them as a JSON-able dict (recorded in the report),
+:func:`guide_metrics` gives them as a JSON-able dict (recorded in the report),
 :func:`plot_metrics` as one plotly figure.
 """
 
@@ -29,8 +29,8 @@ SEED_METRICS = {
 }
 
 
-def seed_metrics(lab: Lab) -> dict[str, Any]:
-    """The seed's metrics over the whole run (latest gauges summed over nodes; samples as quantiles)."""
+def guide_metrics(lab: Lab) -> dict[str, Any]:
+    """The testing guide's metrics over the whole run (latest gauges summed over nodes; samples as quantiles)."""
     summary = lab.metrics_summary()
     out: dict[str, Any] = {name: summary.get(metric, {"count": 0}) for name, metric in SEED_METRICS.items()}
     out["cache_hit_ratio"] = summary.get("cache_hit_ratio", {}).get("last")

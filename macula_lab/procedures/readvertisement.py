@@ -55,7 +55,7 @@ def _anomalies(late: dict[str, float], lapsed: dict[str, float]) -> str:
 
 
 async def readvertisement_kept(lab: Lab, service: str, providers: list[str], *, tolerance: float = 0.25) -> Check:
-    """The seed's "Re-advertisement happens before TTL expiry" over a whole experiment.
+    """The testing guide's "Re-advertisement happens before TTL expiry" over a whole experiment.
 
     For providers advertising while something else runs (05's calls): none fired later
     than ``tolerance`` x the interval, none let its record lapse, each fired at least once.

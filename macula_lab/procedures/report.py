@@ -1,7 +1,7 @@
 """Checks and the report that collects them: a table in the notebook, plain text in logs, JSON on disk.
 
-Every box of the seed's "What to verify" list becomes one :class:`Check` (its
-group and title are the seed's words), with whether it passed, the value that
+Every box of the testing guide's "What to verify" list becomes one :class:`Check` (its
+group and title are the testing guide's words), with whether it passed, the value that
 was measured and the evidence behind the verdict.  A :class:`Report` holds the
 checks of one procedure run, the lab's background errors and a metrics summary.
 
@@ -25,7 +25,7 @@ from ..errors import MaculaError
 from .containers import describe
 
 REPORT_TAG = "report"
-#: the seed's groups, in its order
+#: the testing guide's groups, in its order
 GROUPS = (
     "Service Advertisement",
     "Service Discovery",

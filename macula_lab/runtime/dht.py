@@ -19,9 +19,10 @@ entry, and a sweeper removes them at their expiry).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,7 @@ from ..core.records import ProviderEntry, RecordStore, keys_to_hand_over
 from ..core.routing import Contact, PingNeeded, RoutingTable
 from ..core.session import PeerInfo
 from ..errors import InvalidField, MaculaError
-from ..transport.base import raise_for_error
+from ..transport.base import raise_for_error, wall_time
 
 if TYPE_CHECKING:
     from .host import Host
@@ -62,7 +63,7 @@ class LookupRecord:
     failures: int
     duration: float
     found: bool
-    at: float = field(default_factory=time.time)
+    at: float = field(default_factory=wall_time)
 
 
 @dataclass
@@ -110,6 +111,9 @@ class Dht:
         self.refresh_interval = refresh_interval
         self.table = RoutingTable(host.node_id, k=k)
         self.records = record_store or RecordStore()
+        # STOREs still running in the background, per key: a REMOVE waits for them, or one of
+        # them landing after it would put the removed entry back on its replica
+        self._storing: dict[bytes, list[StoreResult]] = {}
         self.lookups: deque[LookupRecord] = deque(maxlen=500)
         self.rtt = RttEstimator(ceiling=query_timeout)
         self._handed_over: OrderedDict[bytes, None] = OrderedDict()  # newcomers already served
@@ -127,6 +131,8 @@ class Dht:
             "contact_errors": 0,
         }
         self._wake_sweeper = asyncio.Event()
+        self._record_listeners: list[Callable[[str, bytes, ProviderEntry], None]] = []
+        self.records.listener = self._record_changed
         host.route(MessageType.FIND_NODE, self._on_find_node)
         host.route(MessageType.FIND_VALUE, self._on_find_value)
         host.route(MessageType.STORE, self._on_store)
@@ -143,6 +149,17 @@ class Dht:
         self._wake_sweeper = asyncio.Event()
         self.host.spawn(self._sweep_expired(), name=f"{self.host.name}:dht-expiry")
         self.host.spawn(self._refresh_buckets(), name=f"{self.host.name}:dht-refresh")
+
+    def on_record_change(self, fn: Callable[[str, bytes, ProviderEntry], None]) -> None:
+        """Call ``fn(kind, key, entry)`` when this replica's provider set under a key changes (watches)."""
+        self._record_listeners.append(fn)
+
+    def _record_changed(self, kind: str, key: bytes, entry: ProviderEntry) -> None:
+        for fn in self._record_listeners:
+            try:
+                fn(kind, key, entry)
+            except Exception:  # a listener's bug must not fail the STORE or the sweep that changed the record
+                log.exception("%s: record-change listener failed", self.host.name)
 
     # ------------------------------------------------------- contacts in
     def _on_peer(self, peer: PeerInfo) -> None:
@@ -567,12 +584,13 @@ class Dht:
         narrow = await self.lookup(key, kind="store", patient=True, width=max(quorum, self.alpha))
         first = narrow.closest[:quorum]
         out = StoreResult(key, [], narrow)
+        self._storing.setdefault(key, []).append(out)
         if self._closer_than(key, first):
             self._store_here(key, entry, out)
         tasks = self._send_stores(first, key, wire, out)
         rest = self.host.spawn(self._store_rest(key, entry, wire, out, tasks), name=f"{self.host.name}:store-rest")
         if rest is None:  # the node is stopping: nothing runs on in the background
-            out.done.set()
+            self._stored(key, out)
         # every one of the closest few, not any ``quorum`` acks (this node's own copy would count):
         # a read asks the closest replica first and trusts its answer, so it must hold the record
         if tasks:
@@ -597,7 +615,16 @@ class Dht:
             later = self._send_stores([c for c in targets if c.node_id not in asked], key, wire, out)
             await asyncio.gather(*first, *later, return_exceptions=True)
         finally:
-            out.done.set()
+            self._stored(key, out)
+
+    def _stored(self, key: bytes, out: StoreResult) -> None:
+        """The last STORE of ``out`` ended."""
+        out.done.set()
+        pending = self._storing.get(key)
+        if pending is not None and out in pending:
+            pending.remove(out)
+            if not pending:
+                del self._storing[key]
 
     def _among_closest(self, key: bytes, n: int) -> bool:
         """Is this node one of the ``n`` closest to ``key`` it knows of (itself included)?"""
@@ -665,6 +692,11 @@ class Dht:
 
     async def remove(self, key: bytes, provider_id: bytes) -> int:
         """Remove one provider's entry from the k closest nodes (and here); returns how many removed it."""
+        pending = [out.done.wait() for out in self._storing.get(key, ())]
+        if pending:  # our own STOREs of this key still running must not land after the REMOVE
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.query_timeout * 4):
+                    await asyncio.gather(*pending)
         result = await self.lookup(key, kind="remove", patient=True)
         replies = await asyncio.gather(
             *(
@@ -685,7 +717,10 @@ class Dht:
     async def _sweep_expired(self) -> None:
         while True:
             nxt = self.records.next_expiry()
-            delay = 5.0 if nxt is None else min(5.0, max(0.0, nxt - self.now()))
+            # every store sets the event, so there is no need to poll: with nothing stored a
+            # node sleeps until something is (10,000 idle nodes polling every 5 s cost a
+            # simulation more than their lookups)
+            delay = None if nxt is None else max(0.0, nxt - self.now())
             self._wake_sweeper.clear()
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation
             # that stops the node when the event fires at the same moment

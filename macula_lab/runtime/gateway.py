@@ -10,6 +10,10 @@ node does the mesh work:
   client's process.  The client needs no reachable endpoint of its own.
 - UNADVERTISE, DISCOVER: the node's own unadvertise / discover.
 - SERVICE_CALL: the node's own call (discovery, selection, failover).
+- SERVICE_WATCH: the node's own watch of the service; its events are relayed
+  to the client over the client's session (SERVICE_EVENT), one batch at a
+  time, until the client says it no longer wants them, a relay fails, or the
+  session ends.  The client resumes with the last index it received.
 
 When the client's session ends (close, crash, idle timeout) the node withdraws
 every advertisement the client made.
@@ -22,18 +26,24 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ..core.messages import Frame, MessageType
+from ..core.params import MAX_WATCH_BATCH
 from ..core.session import PeerInfo
 from ..errors import HandlerError, MaculaError, PeerError, QuotaExceeded, ServiceUnavailable, TransportError
 
 if TYPE_CHECKING:
     from .host import Host
     from .interfaces import ServiceApi
+    from .watch import Watch, Watches
 
 log = logging.getLogger(__name__)
 
 
 #: services one attached client may advertise through a node
 MAX_ADS_PER_CLIENT = 32
+#: watches one attached client may run through a node
+MAX_WATCHES_PER_CLIENT = 16
+#: events per SERVICE_EVENT (a reset carries the whole set in one)
+WATCH_BATCH = min(64, MAX_WATCH_BATCH)
 
 
 class ServiceOwnedElsewhere(MaculaError):
@@ -45,15 +55,19 @@ class ServiceOwnedElsewhere(MaculaError):
 class ClientGateway:
     """Serves ADVERTISE, UNADVERTISE, DISCOVER and SERVICE_CALL for attached clients (see the module docstring)."""
 
-    def __init__(self, host: Host, services: ServiceApi):
+    def __init__(self, host: Host, services: ServiceApi, watches: Watches | None = None):
         self.host = host
         self.services = services
+        self.watches = watches
+        self.client_watches: dict[bytes, dict[int, Watch]] = {}  # client node id -> its watches here
         self.clients: dict[bytes, set[str]] = {}  # client node id -> services it advertised here
         self._owner: dict[str, bytes] = {}  # service -> client that advertised it here
         host.route(MessageType.ADVERTISE, self._on_advertise)
         host.route(MessageType.UNADVERTISE, self._on_unadvertise)
         host.route(MessageType.DISCOVER, self._on_discover)
         host.route(MessageType.SERVICE_CALL, self._on_service_call)
+        if watches is not None:
+            host.route(MessageType.SERVICE_WATCH, self._on_service_watch)
         host.on_session_closed(self._on_session_closed)
 
     # ----------------------------------------------------------- handlers
@@ -105,6 +119,52 @@ class ClientGateway:
             "latency": result.latency,
         }
 
+    def _on_service_watch(self, frame: Frame, peer: PeerInfo):
+        assert self.watches is not None
+        body = frame.body
+        mine = self.client_watches.setdefault(peer.node_id, {})
+        wid = body["watch"]
+        if wid in mine:
+            raise QuotaExceeded(f"watch {wid} is already running for this client")
+        if len(mine) >= MAX_WATCHES_PER_CLIENT:
+            raise QuotaExceeded(f"a client may run at most {MAX_WATCHES_PER_CLIENT} watches through a node")
+        watch = self.watches.watch(body["service"], since=body.get("after"))
+        mine[wid] = watch
+        if self.host.spawn(self._relay_watch(peer.node_id, wid, watch), name=f"{self.host.name}:watch-relay") is None:
+            self._end_watch(peer.node_id, wid)
+        return MessageType.SERVICE_WATCH_REPLY, {"watch": wid}
+
+    async def _relay_watch(self, client_id: bytes, wid: int, watch: Watch) -> None:
+        """Relay ``watch``'s events to the client, a batch per round trip, until either side stops."""
+        try:
+            while True:
+                event = await watch.next()
+                if event is None:
+                    return
+                batch = [event.to_wire()]
+                while len(batch) < WATCH_BATCH and (more := watch.take()) is not None:
+                    batch.append(more.to_wire())
+                reply = await self.host.request_session(
+                    client_id,
+                    MessageType.SERVICE_EVENT,
+                    {"watch": wid, "events": batch},
+                    timeout=self.host.request_timeout,
+                )
+                if not reply.body.get("ok"):
+                    return  # the client closed this watch
+        except MaculaError as exc:  # the client is gone or unreachable: it resumes from its last index
+            log.debug("%s: watch relay to client ended: %s", self.host.name, exc)
+        finally:
+            self._end_watch(client_id, wid)
+
+    def _end_watch(self, client_id: bytes, wid: int) -> None:
+        mine = self.client_watches.get(client_id, {})
+        watch = mine.pop(wid, None)
+        if not mine:
+            self.client_watches.pop(client_id, None)
+        if watch is not None:
+            watch.close()
+
     # ------------------------------------------------------------ relaying
     def _relay(self, name: str, client_id: bytes):
         host = self.host
@@ -128,6 +188,8 @@ class ClientGateway:
         return relay
 
     def _on_session_closed(self, peer: PeerInfo) -> None:
+        for wid in list(self.client_watches.get(peer.node_id, {})):
+            self._end_watch(peer.node_id, wid)
         names = self.clients.get(peer.node_id)
         if names:
             log.info(

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import time
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 from ..core.messages import Frame, MessageType, new_id
 from ..core.session import Identity, PeerInfo
 from ..errors import HandlerError, MaculaError, NotStarted, ServiceUnavailable
-from ..transport.base import Reply, RequestHandler, Transport
+from ..transport.base import Reply, RequestHandler, Transport, wall_time
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +94,15 @@ class Host:
         """The clock every part uses: the running loop's."""
         return asyncio.get_running_loop().time()
 
+    @staticmethod
+    def wall_time() -> float:
+        return wall_time()
+
     # ----------------------------------------------------------- lifecycle
     async def start(self) -> None:
         await self.transport.start(self.dispatch)
         self._running = True
-        self.started_at = time.monotonic()
+        self.started_at = asyncio.get_running_loop().time()
 
     async def stop(self, *, graceful: bool = True) -> None:
         """Cancel every task the host owns, then close (or, not ``graceful``, abort) the transport."""
@@ -282,3 +285,4 @@ def as_procedure(handler: Callable[[Any], Any]) -> Procedure:
         return handler(args)
 
     return call_sync
+

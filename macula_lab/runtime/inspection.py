@@ -25,7 +25,6 @@ from __future__ import annotations
 import hmac
 import os
 import resource
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -98,7 +97,7 @@ class Inspector:
     def snapshot(self, sections: Any = None, since: float = 0.0) -> dict[str, Any]:
         """The requested sections of the node's state (all by default); ``since`` is a wall-clock time."""
         wanted = check_sections(sections)
-        out: dict[str, Any] = {"time": time.time(), "name": self.host.name}
+        out: dict[str, Any] = {"time": self.host.wall_time(), "name": self.host.name}
         services, dht = self.services, self.dht
         now = dht.now()
         if "node" in wanted:

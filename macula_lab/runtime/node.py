@@ -20,12 +20,11 @@ import html
 import logging
 import os
 import resource
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from ..core import params
+from ..core import entropy, params
 from ..core.codec import DEFAULT_MAX_FRAME_SIZE
 from ..core.endpoint import parse_endpoint, parse_host_port
 from ..core.messages import NODE_ID_SIZE, Frame, MessageType
@@ -37,6 +36,7 @@ from .gateway import ClientGateway
 from .host import Host, Procedure
 from .inspection import Inspector
 from .services import Advertisement, Services
+from .watch import DEFAULT_MAX_INTERVAL, Watch, Watches
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class Node:
         query_timeout: float | None = None,
         cache_ttl: float = params.DEFAULT_CACHE_TTL,
         strategy: str = params.DEFAULT_STRATEGY,
+        watch_interval: float = DEFAULT_MAX_INTERVAL,
         debug: bool = False,
         transport_options: dict[str, Any] | None = None,
     ):
@@ -85,7 +86,7 @@ class Node:
                     f"node_id: the certificate binds {bound.hex()[:12]}, not {node_id.hex()[:12]}", field="node_id"
                 )
             node_id = bound
-        node_id = node_id or os.urandom(NODE_ID_SIZE)
+        node_id = node_id or entropy.randbytes(NODE_ID_SIZE)
         name = params.check_node_name(name) if name is not None else f"node-{node_id.hex()[:8]}"
         params.check_realm(realm)
         request_timeout = params.check_timeout(request_timeout, "request_timeout")
@@ -121,7 +122,8 @@ class Node:
         self.host = Host(self.identity, transport, request_timeout=request_timeout, debug=debug)
         self.dht = Dht(self.host, k=k, alpha=alpha, query_timeout=query_timeout)
         self.services = Services(self.host, self.dht, cache_ttl=cache_ttl, strategy=strategy, debug=debug)
-        self.gateway = ClientGateway(self.host, self.services)
+        self.watches = Watches(self.host, self.dht, max_interval=params.check_timeout(watch_interval, "watch_interval"))
+        self.gateway = ClientGateway(self.host, self.services, self.watches)
         self.inspector = Inspector(
             self.host, self.dht, self.services, status=self.status, ready=lambda: self.ready, token=admin_token
         )
@@ -349,13 +351,22 @@ class Node:
             details=details,
         )
 
+    def watch(self, name: str, *, since: int | None = None) -> Watch:
+        """Watch service ``name``'s providers: ``async for event in node.watch(name)`` (see :mod:`.watch`).
+
+        Events: ``reset`` (the whole set, first), then ``added``, ``updated``,
+        ``removed``, ``expired``, each with the provider and an increasing
+        ``index``; ``since=index`` resumes after that index.
+        """
+        return self.watches.watch(name, since=since)
+
     async def _info_procedure(self, args: Any, peer: PeerInfo) -> dict[str, Any]:
         return self.status()
 
     # ------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:
         started = self.host.started_at
-        uptime = time.monotonic() - started if started and self.running else 0.0
+        uptime = asyncio.get_running_loop().time() - started if started and self.running else 0.0
         return {
             "name": self.name,
             "realm": self.realm,
@@ -372,6 +383,7 @@ class Node:
             "transport": self.transport.stats(),
             "dht": self.dht.stats(),
             "services": self.services.stats_dict(),
+            "watches": self.watches.stats(),
             "max_rss_bytes": _max_rss_bytes(),
         }
 

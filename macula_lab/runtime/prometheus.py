@@ -169,6 +169,20 @@ class NodeCollector:
         yield gauge("macula_dht_contacts", "contacts in the routing table", dht.get("contacts", 0))
         yield gauge("macula_dht_keys", "DHT keys stored on this node", dht.get("keys", 0))
         yield counter("macula_dht_expired", "provider entries expired on this node", dht.get("expired", 0))
+        watches = stats.get("watches", {})
+        yield gauge("macula_watches", "watches of services running on this node", watches.get("watches", 0))
+        yield gauge(
+            "macula_watch_subscriptions", "watch subscriptions held as a replica", watches.get("watch_subscriptions", 0)
+        )
+        yield counter("macula_watch_pushes_sent", "watch events pushed to subscribers", watches.get("pushes_sent", 0))
+        yield counter(
+            "macula_watch_pushes_failed", "watch pushes that failed (the subscription ended)", watches.get("pushes_failed", 0)
+        )
+        yield counter(
+            "macula_watch_missed_by_push",
+            "changes a watch's reconciliation read found before any push delivered them",
+            watches.get("missed_by_push", 0),
+        )
         yield from self._services(family, values)
         yield from self._records(family, values)
         yield from self._cache(gauge, counter, stats.get("services", {}))

@@ -27,14 +27,13 @@ import asyncio
 import inspect
 import logging
 import random
-import time
 import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..core import params
+from ..core import entropy, params
 from ..core.cache import DiscoveryCache
 from ..core.ids import service_key
 from ..core.messages import MessageType
@@ -261,7 +260,7 @@ class Services:
         self.strategy = self._strategy(strategy)
         self.stats = ProviderStats()
         self.debug = debug
-        self.rng = random.Random(seed)
+        self.rng = random.Random(seed) if seed is not None else entropy.new_rng()
         self.ads: dict[str, Advertisement] = {}
         self.events: deque[Event] = deque(maxlen=1000)
         self.samples: dict[str, deque[tuple[float, float]]] = {
@@ -288,10 +287,10 @@ class Services:
     def _record_call(self, service: str, provider: ProviderEntry, took: float, attempts: int) -> None:
         """The "called" event, kept only while calls are traced (it costs ~20% of a cache-hit call)."""
         detail = {"provider": _label(provider), "ms": took * 1000, "attempts": attempts}
-        self._deliver(Event(time.time(), self.host.name, "called", service, detail))
+        self._deliver(Event(self.host.wall_time(), self.host.name, "called", service, detail))
 
     def _emit(self, kind: str, service: str, **detail: Any) -> None:
-        event = Event(time.time(), self.host.name, kind, service, detail)
+        event = Event(self.host.wall_time(), self.host.name, kind, service, detail)
         log.info("%s", event)
         self._deliver(event)
 
@@ -309,7 +308,7 @@ class Services:
 
     def _next_seq(self) -> int:
         # time-based so that it keeps growing across restarts; strictly increasing here
-        self._seq = max(self._seq + 1, time.time_ns() // 1000)
+        self._seq = max(self._seq + 1, int(self.host.wall_time() * 1_000_000))
         return self._seq
 
     async def advertise(
@@ -386,7 +385,7 @@ class Services:
         while True:
             await asyncio.sleep(ad.timer.delay(self._now()))
             lateness = ad.timer.fired(self._now())
-            self.samples["readvertise_lateness"].append((time.time(), lateness))
+            self.samples["readvertise_lateness"].append((self.host.wall_time(), lateness))
             ad.seq = self._next_seq()
             try:
                 await self._publish(ad, kind="readvertised")
@@ -471,7 +470,7 @@ class Services:
         t0 = self._now()
         entries, lookup = await self.directory.find(self.key(name))
         took = self._now() - t0
-        self.samples["dht_query"].append((time.time(), took))
+        self.samples["dht_query"].append((self.host.wall_time(), took))
         entries.sort(key=lambda e: e.node_id)
         # an empty answer drops the cached entry (and is not cached: a new provider is found at once)
         self.cache.put(name, entries, self._now())
@@ -577,7 +576,7 @@ class Services:
                 raise
             now = loop.time()
             stats.finished(choice.node_id, now - t0, ok=True)
-            self.samples["rpc_rtt"].append((time.time(), now - t0))
+            self.samples["rpc_rtt"].append((self.host.wall_time(), now - t0))
             self.ok_calls += 1
             if self.trace_calls:
                 self._record_call(name, choice, now - t0, len(attempts) + 1)

@@ -221,3 +221,19 @@ def raise_for_error(frame: Frame) -> Frame:
     if frame.type is MessageType.ERROR:
         raise PeerError(frame.body["code"], frame.body["message"], frame.body.get("details"))
     return frame
+
+
+def wall_time() -> float:
+    """Seconds since the epoch, as the running loop sees them.
+
+    A simulation's loop runs on virtual time and says what the epoch time is
+    (``loop.wall_time()``); every other loop is real, so ``time.time()``.
+    Event times, samples and advertisement sequence numbers read this, so a
+    simulated run stamps them with simulated time and replays identically.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return time.time()
+    clock = getattr(loop, "wall_time", None)
+    return clock() if clock is not None else time.time()

@@ -88,6 +88,7 @@ from .base import (
     error_for,
     error_reply,
     raise_for_error,
+    wall_time,
 )
 
 __all__ = ["EndpointInUse", "MemoryNetwork", "MemoryTransport"]
@@ -168,6 +169,8 @@ class MemoryNetwork:
         self.bytes_sent = 0
         self.in_flight = 0
         self._dropped = {"loss": 0, "partition": 0, "unreachable": 0}
+        #: called with (src, dst, frame bytes) for every frame delivered: a simulation's trace
+        self.on_deliver: Callable[[str, str, bytes], None] | None = None
 
     # ------------------------------------------------------------- hosts
     def __contains__(self, node: object) -> bool:
@@ -316,6 +319,8 @@ class MemoryNetwork:
             why = "unreachable"  # nobody listening there any more
         if why is None:
             self.delivered += 1
+            if self.on_deliver is not None:
+                self.on_deliver(src, dst, data)
         else:
             self._dropped[why] += 1
 
@@ -696,7 +701,7 @@ class MemoryTransport(Transport):
 
     def _accept(self, conn: _Conn, frame: Frame) -> None:
         try:
-            peer, mtype, body = accept_connect(self.identity, frame)
+            peer, mtype, body = accept_connect(self.identity, frame, now=wall_time())
         except MaculaError as exc:  # e.g. an unsupported protocol version
             mtype, body = error_for(exc)
             body["id"] = frame.id

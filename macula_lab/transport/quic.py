@@ -852,8 +852,14 @@ class QuicTransport(Transport):
 
     def session(self, endpoint: str) -> PeerInfo | None:
         """The peer behind a pooled connection, if one is open."""
-        conn = self.pool.peek(endpoint) or self._verified_incoming.get(endpoint)
+        # exactly the connection a request would use now: a closed incoming one is no session (a
+        # caller that believed it was would skip bounding the reconnect to a dead peer)
+        conn = self._open_session_peek(endpoint)
         return conn.peer if conn is not None else None
+
+    def _open_session_peek(self, endpoint: str) -> MaculaProtocol | None:
+        conn = self.pool.peek(endpoint) or self._verified_incoming.get(endpoint)
+        return conn if conn is not None and not conn.is_closed else None
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -7,7 +7,8 @@
 - :class:`NodesPanel`: stop, kill or add a node (with confirmation);
 - :class:`TTLWatch`: advertisements and stored records counting down;
 - :class:`MetricsDashboard`: live plotly charts of the lab's metrics;
-- :class:`TopologyView`: the nodes on the id ring and their routing-table links.
+- :class:`TopologyView`: the nodes on the id ring and their routing-table links;
+- :class:`WatchPanel`: one service's provider changes, live (``lab.watch_panel(service)``).
 
 They only read the lab's sampled state (``lab.snapshots``, ``lab.recorder``,
 refreshed through ``lab.on_sample``) and call the :class:`~macula_lab.lab.nodes.LabNode`
@@ -25,6 +26,7 @@ from .metrics import MetricsDashboard
 from .nodes import NodesPanel
 from .topology import TopologyView
 from .ttl import TTLWatch
+from .watch import WatchPanel, watch_panel
 
 __all__ = [
     "AdvertisePanel",
@@ -35,5 +37,7 @@ __all__ = [
     "NodesPanel",
     "TTLWatch",
     "TopologyView",
+    "WatchPanel",
     "dashboard",
+    "watch_panel",
 ]

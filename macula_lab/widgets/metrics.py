@@ -1,4 +1,4 @@
-"""Metrics dashboard: live plotly charts of the seed's metrics, one colour per node.
+"""Metrics dashboard: live plotly charts of the testing guide's metrics, one colour per node.
 
 Six panels of one ``FigureWidget`` (plotly >= 6 renders it through anywidget):
 DHT query latency, RPC round trip, re-advertisement lateness (one point per

@@ -66,3 +66,18 @@ def test_lab_start_bench_starts_both_transports(tmp_path):
         assert run["found"] == run["lookups"] == 20, case
         assert run["bootstrap_timeouts"] == 0, case
         assert run["start_s"] > 0 and run["first_advertise_ms"] > 0, case
+
+
+def test_procedure_bench_times_the_main_job(tmp_path):
+    doc = run_bench("procedure", tmp_path, "--runs", "1", "--transport", "memory", timeout=300)
+    assert doc["failures"] == [] and len(doc["walls_s"]) == 1
+    assert doc["walls_s"][0] > 0 and doc["verdict"] in ("PASS", "MISS")
+
+
+def test_watch_bench_measures_both_transports(tmp_path):
+    doc = run_bench("watch", tmp_path, "--nodes", "6", "--watchers", "2", "--changes", "4")
+    assert [r["transport"] for r in doc["results"]] == ["quic", "memory"]
+    for r in doc["results"]:
+        assert "error" not in r, r
+        assert r["samples"] == 8 and r["missed"] == r["duplicates"] == 0, r
+        assert 0 < r["p50"] <= r["p99"], r

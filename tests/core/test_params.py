@@ -30,6 +30,9 @@ CASES = [
         ["", "a..b", ".lead", "trail.", "slash/x", "has space", "x" * 256, None, 3],
     ),
     (params.check_node_name, ["node-1", "pod.7", "N_1"], ["", "-lead", "a b", "a/b", "x" * 65, None]),
+    (params.check_watch_lease, [0.5, 10, 120], [0, -1, 120.5, NAN, INF, "10", None]),
+    (params.check_watch_index, [0, 1, 2**63 - 1], [-1, 2**63, 1.5, "3", True, None]),
+    (params.check_watch_change, ["stored", "removed", "expired"], ["added", "", None, 1]),
     (params.check_metadata, [None, {}, {"zone": "a", "n": 3}], [[], {1: "a"}, {"blob": b"x" * 5000}, {"f": object()}]),
 ]
 

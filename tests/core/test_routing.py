@@ -270,3 +270,17 @@ def test_closest_equals_brute_force_over_a_small_k_table(node_ids, target, n):
     assert len(table) == len(table.contacts()) <= 2 * 256
     expected = sorted(table.contacts(), key=lambda c: xor_distance(c.node_id, target))[:n]
     assert table.closest(target, n) == expected
+
+
+def test_from_wire_memoises_checked_contacts_and_still_refuses_bad_ones():
+    from macula_lab.errors import InvalidField
+
+    wire = {"node_id": b"\x07" * 32, "endpoint": "mem://memo-a", "name": "memo-a"}
+    first = Contact.from_wire(wire)
+    assert Contact.from_wire(dict(wire)) is first  # checked once, then shared
+    with pytest.raises(InvalidField):
+        Contact.from_wire({**wire, "endpoint": "not an endpoint"})
+    with pytest.raises(InvalidField):
+        Contact.from_wire({**wire, "node_id": [1, 2]})  # unhashable: checked, refused
+    other = Contact.from_wire({**wire, "name": "memo-b"})
+    assert other is not first and other.name == "memo-b"

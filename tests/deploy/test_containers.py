@@ -225,8 +225,9 @@ async def test_failover_when_a_node_container_is_killed_mid_run(podman, stack, l
     finally:
         await client.close()
     before, after = rows[:6], rows[6:]
-    assert {r[1] for r in before} == {"node-1", "node-3"}, before
-    assert all(r[1] == "node-1" and r[2]["result"] == r[0] + 1 for r in after), after
+    table = "\n".join(f"  call {i}: {who} {value!r} {took * 1000:.0f} ms" for i, who, value, took in rows)
+    assert {r[1] for r in before} == {"node-1", "node-3"}, table
+    assert all(r[1] == "node-1" and r[2]["result"] == r[0] + 1 for r in after), f"{table}\n{podman.why(NODES['node-2'])}"
     failovers = [e for e in events if e["kind"] == "failover" and e["service"] == "math.add"]
     assert [e["detail"]["provider"] for e in failovers] == ["node-3"], failovers
     slow = max(after, key=lambda r: r[3])

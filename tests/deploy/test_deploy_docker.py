@@ -164,7 +164,7 @@ def test_three_nodes_on_the_seeds_bridge_with_udp_published():
         assert len(udp) == 1, f"{spec.name}: QUIC must be published as UDP: {service['ports']}"
         assert spec.mounts == {"/certs": "certs"}
         assert spec.env["MACULA_NAME"] == spec.name and spec.env["MACULA_CERTS_DIR"] == "/certs"
-    # the seed: node-1 and node-3 serve math.add; node-2 and node-3 join through node-1
+    # the guide: node-1 and node-3 serve math.add; node-2 and node-3 join through node-1
     serves = {n.name: config_from_env(n.env).serve for n in nodes}
     assert serves["node-1"]["math.add"] == serves["node-3"]["math.add"] == "calculator"
     assert serves["node-2"] == {}

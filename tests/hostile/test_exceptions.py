@@ -64,11 +64,14 @@ async def test_a_call_fails_over_from_a_provider_that_raises(lab, exc):
     await b.advertise("svc.two", lambda args: "from node-3")
     caller = lab.node("node-4")
     break_requests_to(caller.node, a.endpoint, exc)
-    for _ in range(4):
-        res = await caller.call("svc.two", {})
+    failed_over = []
+    for _ in range(4):  # round robin: the broken provider's turn comes within two calls
+        res = await caller.call("svc.two", {}, strategy="round_robin")
         assert res.value == "from node-3"
         if len(res.attempts) == 2:
             assert type(exc).__name__ in res.attempts[0].error
+            failed_over.append(res)
+    assert failed_over, "the raising provider was never tried"
 
 
 async def test_re_advertisement_survives_an_unexpected_exception(lab):
@@ -91,12 +94,18 @@ async def test_re_advertisement_survives_an_unexpected_exception(lab):
 
 async def test_handover_to_a_newcomer_that_raises_does_not_stop_the_node(lab):
     holder = lab.node("node-1").node
-    await holder.advertise("svc.hand", lambda args: "ok")
-    newcomer = await lab.add_node("node-7")
-    break_requests_to(holder, newcomer.endpoint, RuntimeError("injected"))
-    await lab.add_node("node-8")  # more handovers, to healthy and broken contacts
+    # ten keys: node-1 is among the three closest holders of some (handover comes from those)
+    for i in range(10):
+        await holder.advertise(f"svc.hand{i}", lambda args: "ok")
+    before = holder.dht.counters["contact_errors"]
+    # broken before the newcomer joins (memory endpoints are mem://NAME): its handover raises
+    attempts = break_requests_to(holder, "mem://node-7", RuntimeError("injected"))
+    await lab.add_node("node-7")
+    await until(lambda: attempts, timeout=10, what="a handover to the broken newcomer")
+    await lab.add_node("node-8")  # more handovers, to healthy contacts
     assert holder.running and all(not t.done() or not t.exception() for t in holder.tasks)
-    assert await lab.node("node-8").call("svc.hand", {}) is not None
+    assert holder.dht.counters["contact_errors"] > before  # counted as that contact's failure
+    assert (await lab.node("node-8").call("svc.hand0", {})).value == "ok"
 
 
 async def test_sampling_goes_on_when_inspecting_one_node_raises(lab):

@@ -88,6 +88,25 @@ async def test_errors_keep_their_names_across_the_session(nodes, certs):
         await client.close()
 
 
+async def test_client_unadvertises_its_own_service(nodes, certs):
+    n1 = await nodes("node-1", realm=REALM)
+    n2 = await nodes("node-2", realm=REALM, bootstrap=[n1.endpoint])
+    client = await macula_lab.connect(n1.endpoint, realm=REALM, **client_args(certs))
+    try:
+        await client.advertise("lab.mine", lambda a: "mine")
+        assert await n2.call("lab.mine") == "mine"
+        assert await client.unadvertise("lab.mine") >= 1  # replicas that removed the record
+        assert "lab.mine" not in client.advertised
+        assert "lab.mine" not in n1.services.ads and "lab.mine" not in n1.services.live_timers()
+        assert await n2.discover("lab.mine", refresh=True) == []
+        with pytest.raises(ServiceNotFound):
+            await n2.call("lab.mine", timeout=0.5)
+        await client.advertise("lab.mine", lambda a: "again")  # the name is free again
+        assert await n2.call("lab.mine") == "again"
+    finally:
+        await client.close()
+
+
 async def test_a_service_is_relayed_for_one_client_at_a_time(nodes, certs):
     n1 = await nodes("node-1", realm=REALM)
     c1 = await macula_lab.connect(n1.endpoint, realm=REALM, **client_args(certs))

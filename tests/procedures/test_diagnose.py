@@ -1,4 +1,4 @@
-"""diagnose: the seed's Troubleshooting cases, as pure rules and against real labs."""
+"""diagnose: the testing guide's Troubleshooting cases, as pure rules and against real labs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Option 1's expected output, from real events, in a lab with node ids ordered by name."""
+"""The local test's expected output, from real events, in a lab with node ids ordered by name."""
 
 from __future__ import annotations
 

@@ -1,19 +1,19 @@
-"""The seed's metrics from the lab's table, and their plot."""
+"""The testing guide's metrics from the lab's table, and their plot."""
 
 from __future__ import annotations
 
 from macula_lab.lab import Lab
-from macula_lab.procedures.metrics import plot_metrics, seed_metrics
+from macula_lab.procedures.metrics import guide_metrics, plot_metrics
 
 
-async def test_seed_metrics_and_plot():
+async def test_guide_metrics_and_plot():
     lab = await Lab.start(n=3, realm="com.test.metrics", sample_interval=None)
     try:
         await lab.node("node-1").advertise("m.s", "whoami", ttl=30)
         for _ in range(5):
             await lab.node("node-2").call("m.s", {})
         await lab.sample()
-        m = seed_metrics(lab)
+        m = guide_metrics(lab)
         fig = plot_metrics(lab)
     finally:
         await lab.stop()

@@ -26,7 +26,7 @@ def test_verdict_and_order():
     ok, bad = make(), make(False)
     assert ok.passed and not ok.failed
     assert not bad.passed and [c.title for c in bad.failed] == ["Service published to DHT successfully"]
-    # the seed's group order, whatever the order the checks were added in
+    # the testing guide's group order, whatever the order the checks were added in
     assert [c.group for c in ok.ordered()] == ["Service Advertisement", "Cleanup"]
     assert not Report("empty").passed  # no check ran: not a pass
 

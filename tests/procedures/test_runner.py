@@ -29,6 +29,7 @@ PROCEDURES = [
     "03_k3s",
     "04_hosts",
     "05_selection_and_failover",
+    "06_scale_study",
     "08_load",
 ]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import random
 import statistics
 
@@ -25,6 +24,7 @@ from macula_lab.transport.certs import issue_node_cert
 from macula_lab.transport.quic import TlsConfig
 
 from ..conftest import stop_all, tls_for
+from ..timing import eventually
 
 N = 30
 K = 4
@@ -102,7 +102,11 @@ async def test_node_lookup_finds_the_true_closest(mesh):
     for _ in range(20):
         target = rng.randbytes(32)
         node = rng.choice(mesh)
-        result = await node.dht.lookup(target, patient=True)
+        for _attempt in range(5):  # exact when every query answered within the hard timeout;
+            result = await node.dht.lookup(target, patient=True)  # a loaded machine may miss one
+            if result.failures == 0:
+                break
+        assert result.failures == 0, "every attempt had a query time out"
         expected = [n.node_id for n in true_closest(mesh, target) if n is not node][: len(result.closest)]
         assert [c.node_id for c in result.closest][:2] == expected[:2]
 
@@ -185,13 +189,22 @@ async def test_bad_store_values_are_refused_by_name(mesh):
 
 async def test_garbage_contacts_in_replies_are_skipped(mesh):
     liar = mesh[3]
-    liar.route(
-        MessageType.FIND_NODE,
-        lambda f, p: (MessageType.FIND_NODE_REPLY, {"nodes": [5, {"node_id": "x"}, {}]}),
-    )
+    asked = []
+
+    def lie(frame, peer):
+        asked.append(peer)
+        return MessageType.FIND_NODE_REPLY, {"nodes": [5, {"node_id": "x"}, {}]}
+
+    liar.route(MessageType.FIND_NODE, lie)
     asker = mesh[6]
-    result = await asker.dht.lookup(os.urandom(32))
-    assert result.closest  # the lookup completed through the honest nodes
+    # a key next to the liar's id: every lookup for it converges on the liar, so it is asked
+    # (a random key reached it in about 15% of runs)
+    target = liar.node_id[:-1] + bytes([liar.node_id[-1] ^ 1])
+    result = await asker.dht.lookup(target)
+    assert asked, "the lying peer was never queried: the test did not exercise garbage handling"
+    honest = {n.node_id for n in mesh}
+    assert result.closest and {c.node_id for c in result.closest} <= honest  # no garbage contact kept
+    assert all(isinstance(c.endpoint, str) and c.endpoint for c in result.closest)
 
 
 async def test_newcomer_closer_to_a_key_receives_the_record(mesh, certs):
@@ -211,10 +224,7 @@ async def test_newcomer_closer_to_a_key_receives_the_record(mesh, certs):
     )
     await newcomer.start()
     try:
-        for _ in range(50):
-            if newcomer.dht.get_local(key):
-                break
-            await asyncio.sleep(0.05)
+        await _until(lambda: newcomer.dht.get_local(key), 20)
         assert [e.metadata.get("tag") for e in newcomer.dht.get_local(key)] == ["handover"]
     finally:
         await newcomer.stop()
@@ -267,9 +277,14 @@ async def test_a_read_whose_closest_contact_died_widens_then_records_the_failure
         holder.dht.records.store(key, entry, holder.dht.now())
     await a.ping(b.endpoint)
     await a.ping(c.endpoint)
-    found, _ = await a.dht.find(key)  # both alive: one query, answered by the closest
-    assert [e.node_id for e in found] == [alive.node_id]
-    assert a.dht.lookups[-1].contacted == 1
+
+    async def one_query() -> bool:  # both alive: one query, answered by the closest
+        found, result = await a.dht.find(key)
+        assert [e.node_id for e in found] == [alive.node_id]
+        return result.contacted == 1
+
+    # (a first answer slower than the hedge delay widens the read: a loaded machine retries)
+    await eventually(one_query, 20, "a read answered by its first query")
     await dead.kill()
     found, result = await a.dht.find(key)
     assert [e.node_id for e in found] == [alive.node_id]

@@ -9,6 +9,7 @@ import pytest
 from macula_lab.runtime.node import Node
 
 from ..conftest import other_tasks
+from ..timing import eventually
 
 
 async def test_node_owns_its_tasks(nodes):
@@ -33,8 +34,8 @@ async def test_failed_background_task_is_logged_not_lost(nodes, caplog):
         raise RuntimeError("kaput")
 
     a.spawn(broken(), name="broken")
-    await asyncio.sleep(0.01)
-    assert "background task broken failed" in caplog.text and "kaput" in caplog.text
+    await eventually(lambda: "background task broken failed" in caplog.text, 5)
+    assert "kaput" in caplog.text
 
 
 async def test_procedures_can_be_replaced(nodes):
@@ -60,8 +61,7 @@ async def test_certs_directory_issues_a_certificate(tmp_path):
     async with a, b:
         assert (tmp_path / "ca.pem").exists() and (tmp_path / "auto-1.pem").exists()
         assert await a.ping(b.endpoint) > 0
-    await asyncio.sleep(0.05)
-    assert other_tasks() - before == set()
+    await eventually(lambda: other_tasks() - before == set(), 5, "no task left")
 
 
 def test_node_id_validation():
