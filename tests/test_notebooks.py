@@ -166,7 +166,7 @@ def test_08_load(tmp_path):
 
 
 def test_09_tuning(tmp_path):
-    """Small defaults (N=40, two values per knob, two churn rates, two simulated minutes each):
+    """Small defaults (N=30, two values per knob, two churn rates, two simulated minutes each):
     a recommendation per churn rate, every availability a fraction."""
     run = run_procedure("09", output_dir=tmp_path, html=False)
     report = check_run(run)
