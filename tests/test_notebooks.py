@@ -71,6 +71,9 @@ def test_parameters_contract():
         "max_error_rate",
     } <= set(p08)
     assert p08["endpoints"] == []  # a lab in the kernel unless given
+    p09 = parameters("09_tuning")
+    assert {"n", "k_values", "cache_ttls", "readvertise_fractions", "churn_rates", "minutes"} <= set(p09)
+    assert all(0 < f < 1 for f in p09["readvertise_fractions"])  # node option readvertise_fraction
 
 
 def test_provider_that_never_readvertises_fails_the_run():
@@ -160,6 +163,21 @@ def test_08_load(tmp_path):
     assert run["sent"] == 150 and run["p99_ms"] >= run["uncorrected_p99_ms"]
     assert [r["rate"] for r in report["metrics"]["saturation"]] == [50, 200]
     assert report["metrics"]["closed_loop"]["ok"] > 0
+
+
+def test_09_tuning(tmp_path):
+    """Small defaults (N=30, two values per knob, two churn rates, two simulated minutes each):
+    a recommendation per churn rate, every availability a fraction."""
+    run = run_procedure("09", output_dir=tmp_path, html=False)
+    report = check_run(run)
+    assert {c["group"] for c in report["checks"]} == {"Tuning"}
+    results, recommendation = report["metrics"]["results"], report["metrics"]["recommendation"]
+    assert len(results) == 16 and all(r["calls"] > 0 and r["msgs_per_min"] > 0 for r in results)
+    assert all(0 <= r["availability"] <= 1 and 0 <= r["stale_rate"] <= 1 for r in results)
+    assert recommendation and sorted(r["churn"] for r in recommendation) == [0.0, 0.05]
+    assert all(0 <= r["availability"] <= 1 for r in recommendation)
+    assert any(r["killed"] > 0 for r in results)
+    print(f"09_tuning with its CI defaults: {run.wall:.1f}s wall (kernel start included)")  # no bound: load varies
 
 
 # ----------------------------------------------- attached (02, 03, 04)

@@ -15,7 +15,7 @@ PROCEDURES = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
 
 def test_there_are_procedures():
-    assert [p.stem[:2] for p in PROCEDURES] == ["00", "01", "02", "03", "04", "05", "06", "08"]
+    assert [p.stem[:2] for p in PROCEDURES] == ["00", "01", "02", "03", "04", "05", "06", "08", "09"]
 
 
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)

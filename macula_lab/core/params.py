@@ -120,6 +120,13 @@ def check_cache_ttl(value: Any, field: str = "cache_ttl") -> float:
     return check_seconds(value, field, low=0.0, high=MAX_TTL)
 
 
+def check_readvertise_fraction(value: Any, field: str = "readvertise_fraction") -> float:
+    """When a provider republishes, as a fraction of its TTL: (0, 1), since at 1 the record lapses first."""
+    if not _is_number(value) or not math.isfinite(value) or not 0 < value < 1:
+        raise _bad(field, f"must be a number with 0 < fraction < 1 of the TTL, got {value!r}")
+    return float(value)
+
+
 def check_int(value: Any, field: str, *, low: int, high: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise _bad(field, f"must be an integer in {low}..{high}, got {value!r}")

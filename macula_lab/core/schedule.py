@@ -19,15 +19,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .params import READVERTISE_FRACTION, check_ttl
+from .params import READVERTISE_FRACTION, check_readvertise_fraction, check_ttl
 
 #: how many recent lateness values a timer keeps (bounded memory for long runs)
 LATENESS_WINDOW = 100
 
 
-def readvertise_interval(ttl: float) -> float:
-    """Seconds between two publications of an entry with this TTL (``ttl * 0.8``); the TTL is checked."""
-    return check_ttl(ttl) * READVERTISE_FRACTION
+def readvertise_interval(ttl: float, fraction: float = READVERTISE_FRACTION) -> float:
+    """Seconds between two publications of an entry with this TTL (``ttl * 0.8`` by default); both are checked."""
+    return check_ttl(ttl) * check_readvertise_fraction(fraction)
 
 
 @dataclass
@@ -47,11 +47,13 @@ class ReadvertiseTimer:
     lateness: deque[float] = field(default_factory=lambda: deque(maxlen=LATENESS_WINDOW), repr=False)
     lateness_total: float = 0.0
     lateness_max: float | None = None
+    #: the interval as a fraction of the TTL (kept so that a new TTL keeps the node's setting)
+    fraction: float = READVERTISE_FRACTION
 
     @classmethod
-    def start(cls, service: str, ttl: float, now: float) -> ReadvertiseTimer:
+    def start(cls, service: str, ttl: float, now: float, fraction: float = READVERTISE_FRACTION) -> ReadvertiseTimer:
         """A timer for an entry published at ``now``: first fire at ``now + interval``."""
-        interval = readvertise_interval(ttl)
+        interval = readvertise_interval(ttl, fraction)
         return cls(
             service=service,
             ttl=float(ttl),
@@ -59,6 +61,7 @@ class ReadvertiseTimer:
             created_at=now,
             next_fire=now + interval,
             published_at=now,
+            fraction=float(fraction),
         )
 
     def delay(self, now: float) -> float:
@@ -94,7 +97,7 @@ class ReadvertiseTimer:
 
         ``count`` and the lateness history are kept: it is the same service's timer.
         """
-        self.interval = readvertise_interval(ttl)
+        self.interval = readvertise_interval(ttl, self.fraction)
         self.ttl = float(ttl)
         self.published_at = now
         self.next_fire = now + self.interval

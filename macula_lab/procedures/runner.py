@@ -71,6 +71,7 @@ DESCRIPTIONS: dict[str, tuple[str, str | None]] = {
     ),
     "05_selection_and_failover": ("selection strategies compared; failover while a provider is killed", None),
     "08_load": ("open-loop load: latency without coordinated omission, saturation", None),
+    "09_tuning": ("K, cache TTL and re-advertisement swept under churn in virtual time: a recommendation", None),
 }
 
 

@@ -73,6 +73,7 @@ class Node:
         alpha: int = params.DEFAULT_ALPHA,
         query_timeout: float | None = None,
         cache_ttl: float = params.DEFAULT_CACHE_TTL,
+        readvertise_fraction: float = params.READVERTISE_FRACTION,
         strategy: str = params.DEFAULT_STRATEGY,
         watch_interval: float = DEFAULT_MAX_INTERVAL,
         debug: bool = False,
@@ -121,7 +122,14 @@ class Node:
         # the composition: every part gets the host and what it needs of the others, no more
         self.host = Host(self.identity, transport, request_timeout=request_timeout, debug=debug)
         self.dht = Dht(self.host, k=k, alpha=alpha, query_timeout=query_timeout)
-        self.services = Services(self.host, self.dht, cache_ttl=cache_ttl, strategy=strategy, debug=debug)
+        self.services = Services(
+            self.host,
+            self.dht,
+            cache_ttl=cache_ttl,
+            strategy=strategy,
+            debug=debug,
+            readvertise_fraction=readvertise_fraction,
+        )
         self.watches = Watches(self.host, self.dht, max_interval=params.check_timeout(watch_interval, "watch_interval"))
         self.gateway = ClientGateway(self.host, self.services, self.watches)
         self.inspector = Inspector(

@@ -6,8 +6,9 @@ One :class:`Services` per node (``node.services``; the node's ``advertise``,
 - **Advertise** stores the handler locally (so CALLs for the name are answered
   here), publishes this node as a provider into the DHT (the k closest nodes to
   ``SHA-256(realm, name)``) and schedules re-advertisement at 80% of the TTL
-  (240 s for the default 300 s).  Advertising again replaces the handler and
-  reschedules: one timer per name, always.
+  (240 s for the default 300 s; the node option ``readvertise_fraction``).
+  Advertising again replaces the handler and reschedules: one timer per name,
+  always.
 - **Unadvertise** cancels the timer, removes this provider's entry on the k
   closest nodes and stops answering calls for the name.
 - **Discover** goes through the discovery cache (60 s by default) and falls back
@@ -252,10 +253,13 @@ class Services:
         strategy: str | Strategy = "random",
         debug: bool = False,
         seed: int | None = None,
+        readvertise_fraction: float = params.READVERTISE_FRACTION,
     ):
         self.host = host
         self.directory = directory
         self.cache = DiscoveryCache(ttl=params.check_cache_ttl(cache_ttl))
+        #: republish after this fraction of the TTL (a tuning knob: earlier costs messages, later risks lapses)
+        self.readvertise_fraction = params.check_readvertise_fraction(readvertise_fraction)
         self._strategies: dict[str, Strategy] = {}
         self.strategy = self._strategy(strategy)
         self.stats = ProviderStats()
@@ -344,7 +348,7 @@ class Services:
         old = self.ads.get(name)
         if old is not None and old.task is not None:
             old.task.cancel()  # never two timers for one name
-        timer = ReadvertiseTimer.start(name, ttl, now)
+        timer = ReadvertiseTimer.start(name, ttl, now, self.readvertise_fraction)
         # the provider's name and the service travel with the record: views and labels read them
         meta = {"node": self.host.name, "service": name, **(metadata or {})}
         ad = Advertisement(name, handler, ttl, meta, timer, self._next_seq())

@@ -30,6 +30,7 @@ parameters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 import time
@@ -37,6 +38,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from ..core import entropy
+from ..core.params import DEFAULT_CALL_TIMEOUT
 from ..lab.lab import Lab, LabError
 from ..lab.nodes import LocalNode
 from ..transport.memory import MemoryNetwork
@@ -273,11 +275,37 @@ class Simulation:
         self.script.append(("advertise_many", (pairs,), {"handler": handler, "ttl": ttl, "concurrency": concurrency}))
         await self._many(pairs, concurrency, lambda node, svc: self._advertise(node, svc, handler, ttl, None))
 
-    async def discover_many(self, pairs: Iterable[tuple[str, str]], *, concurrency: int = 256) -> None:
-        """Discover each ``(node, service)`` (bypassing the cache), ``concurrency`` at a time."""
+    async def discover_many(
+        self, pairs: Iterable[tuple[str, str]], *, concurrency: int = 256, refresh: bool = True
+    ) -> None:
+        """Discover each ``(node, service)``, ``concurrency`` at a time: bypassing the cache unless
+        ``refresh=False`` (what an application sees, stale cache entries included)."""
         pairs = [tuple(p) for p in pairs]
-        self.script.append(("discover_many", (pairs,), {"concurrency": concurrency}))
-        await self._many(pairs, concurrency, lambda node, svc: self._discover(node, svc, True))
+        self.script.append(("discover_many", (pairs,), {"concurrency": concurrency, "refresh": refresh}))
+        await self._many(pairs, concurrency, lambda node, svc: self._discover(node, svc, refresh))
+
+    async def call_many(
+        self,
+        pairs: Iterable[tuple[str, str]],
+        *,
+        args: Any = None,
+        timeout: float = DEFAULT_CALL_TIMEOUT,
+        max_attempts: int | None = None,
+        concurrency: int = 256,
+    ) -> None:
+        """Call each ``(node, service)`` (cache, selection and failover as an application gets them);
+        ``timeout`` bounds each attempt, ``max_attempts`` the providers tried."""
+        pairs = [tuple(p) for p in pairs]
+        options = {"args": args, "timeout": timeout, "max_attempts": max_attempts, "concurrency": concurrency}
+        self.script.append(("call_many", (pairs,), options))
+
+        async def call(node: str, svc: str) -> None:
+            with contextlib.suppress(Exception):  # recorded in operations()
+                await self._op(
+                    node, "call", svc, lambda h: h.call(svc, args, timeout=timeout, max_attempts=max_attempts)
+                )
+
+        await self._many(pairs, concurrency, call)
 
     async def _many(self, pairs: list[tuple[str, ...]], concurrency: int, op: Callable[..., Any]) -> None:
         done = [0]

@@ -17,6 +17,7 @@ CASES = [
     (params.check_ttl, [1, 1.0, 300, 86400], [0, -5, 0.999, 86400.5, 172800, NAN, INF, -INF, "300", True, None]),
     (params.check_timeout, [0.001, 5, 3600], [0, -1, 3600.1, NAN, INF, "5", False, None]),
     (params.check_cache_ttl, [0, 60, 86400], [-1, 86401, NAN, INF, "60"]),
+    (params.check_readvertise_fraction, [0.05, 0.5, 0.8, 0.99], [0, 1, 1.5, -0.2, NAN, INF, "0.8", True, None]),
     (params.check_attempts, [1, 3, 100], [0, -7, 101, 1.5, "3", True, None]),
     (params.check_k, [1, 20, 256], [0, 257, 2.0, True]),
     (

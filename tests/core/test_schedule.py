@@ -34,6 +34,19 @@ def test_interval_always_before_expiry(ttl):
     assert interval == pytest.approx(ttl * READVERTISE_FRACTION)
 
 
+def test_interval_with_another_fraction_and_reschedule_keeps_it():
+    """A tuned node (readvertise_fraction) republishes earlier; a new TTL keeps its fraction."""
+    assert readvertise_interval(60, 0.5) == pytest.approx(30.0)
+    t = ReadvertiseTimer.start("svc", 60, now=0.0, fraction=0.5)
+    assert t.interval == pytest.approx(30.0) and t.next_fire == pytest.approx(30.0)
+    t.reschedule(100, now=10.0)
+    assert t.interval == pytest.approx(50.0) and t.next_fire == pytest.approx(60.0)
+    for bad in (0, 1, 1.2, math.nan):
+        with pytest.raises(InvalidField) as err:
+            readvertise_interval(60, bad)
+        assert err.value.field == "readvertise_fraction"
+
+
 # ----------------------------------------------------------------- timer
 def test_start():
     t = ReadvertiseTimer.start("svc.echo", 300, now=1000.0)

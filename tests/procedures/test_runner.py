@@ -31,6 +31,7 @@ PROCEDURES = [
     "05_selection_and_failover",
     "06_scale_study",
     "08_load",
+    "09_tuning",
 ]
 
 

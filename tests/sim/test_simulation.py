@@ -83,3 +83,27 @@ async def test_partition_cuts_discovery_and_heal_restores_it():
         assert added == ["node-13", "node-14"] and set(added) <= set(sim.running())
     finally:
         await sim.stop()
+
+
+async def test_tuned_nodes_republish_at_their_fraction_and_calls_see_the_cache():
+    """readvertise_fraction reaches every node; call_many and discover_many(refresh=False) go
+    through the cache as applications do, so a killed provider is returned until it is evicted."""
+    sim = await Simulation.start(12, seed=5, cache_ttl=30, readvertise_fraction=0.5, **OPTS)
+    try:
+        await sim.advertise_many([("node-2", "svc.a"), ("node-3", "svc.a")], ttl=60)
+        handle = sim.lab.node("node-2")
+        assert isinstance(handle, LocalNode)
+        assert handle.node.services.ads["svc.a"].timer.interval == pytest.approx(30.0)
+        await sim.discover_many([("node-7", "svc.a")], refresh=False)  # fills node-7's cache
+        await sim.kill("node-3")
+        await sim.discover_many([("node-7", "svc.a")], refresh=False)
+        await sim.call_many([("node-7", "svc.a")] * 4)
+        ops = sim.operations()
+        cached = ops[ops.op == "discover"].iloc[-1]
+        assert cached.providers == 2 and cached.dead_providers == 1  # a cache hit: the dead one is still there
+        assert cached.messages == 0
+        calls = ops[ops.op == "call"]
+        assert len(calls) == 4 and (calls.outcome == "ok").all()  # failover past the dead provider
+        assert sim.script[-1][0] == "call_many"
+    finally:
+        await sim.stop()
