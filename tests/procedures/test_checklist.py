@@ -22,15 +22,15 @@ async def lab():
 
 
 async def test_every_box_passes(lab):
-    # a 2 s TTL with fires judged within 0.4 x its 1.6 s interval: a loaded machine passes too
-    report = await run_checklist(lab, ttl=2.0, cache_ttl=0.5, tolerance=0.4, progress=False)
+    # a 3 s TTL with gaps judged within 0.45 x its 2.4 s interval: a loaded machine passes too
+    report = await run_checklist(lab, ttl=3.0, cache_ttl=0.5, tolerance=0.45, progress=False)
     assert report.passed, report.text()
     assert {c.title for c in report.checks} == GUIDE_BOXES  # every box of the guide, once
     assert len(report.checks) == 19
     by_title = {c.title: c for c in report.checks}
-    assert by_title["Re-advertisement timer scheduled"].measured == pytest.approx(1.6)
+    assert by_title["Re-advertisement timer scheduled"].measured == pytest.approx(2.4)
     assert by_title["Discovery result cached (60s TTL)"].measured == pytest.approx(0.5, abs=0.01)
-    assert by_title["Timer fires at correct interval"].measured == pytest.approx(1.6, abs=0.64)
+    assert by_title["Timer fires at correct interval"].measured == pytest.approx(2.4, abs=1.08)
     assert (
         report.parameters["providers"] == ["node-1", "node-3"] and report.parameters["consumer"] == "node-2"
     )

@@ -71,13 +71,14 @@ def services(lab: Lab, name: str) -> services_module.Services:
     return lab.node(name).node.services
 
 
-def config(ttl: float = 2.0) -> ChecklistConfig:
-    """A 2 s TTL (re-advertised every 1.6 s) and fires judged within 0.4 x interval: a loaded
-    machine's loop stalls stay inside both, while every timer fault below is far outside."""
-    return ChecklistConfig(service=SERVICE, ttl=ttl, cache_ttl=0.5, tolerance=0.4)
+def config(ttl: float = 3.0) -> ChecklistConfig:
+    """A 3 s TTL (re-advertised every 2.4 s) and gaps judged within 0.45 x interval (1.08 s):
+    a loaded machine's stalls and slow STOREs stay inside (0.64 s was seen with 2 s), while
+    every timer fault below is at least 0.75 x interval off."""
+    return ChecklistConfig(service=SERVICE, ttl=ttl, cache_ttl=0.5, tolerance=0.45)
 
 
-async def failed_boxes(lab: Lab, *, ttl: float = 2.0) -> set[str]:
+async def failed_boxes(lab: Lab, *, ttl: float = 3.0) -> set[str]:
     """Run the checklist; the verdict must be FAILED (assert_passed raises): the failed boxes."""
     report = await run_checklist(lab, config(ttl), progress=False, diagnose_failures=False)
     assert {c.title for c in report.checks} == ALL_BOXES  # every box judged, none skipped
@@ -278,13 +279,13 @@ class _Timer(services_module.ReadvertiseTimer):
     """The engine's timer, with one fault chosen by a subclass (checklist service only)."""
 
 
-async def test_first_fire_at_half_the_interval(lab, monkeypatch):
+async def test_first_fire_at_a_quarter_of_the_interval(lab, monkeypatch):
     class Early(_Timer):
         @classmethod
         def start(cls, service, ttl, now):
             timer = super().start(service, ttl, now)
             if service == SERVICE:
-                timer.next_fire = now + timer.interval / 2
+                timer.next_fire = now + timer.interval / 4
             return timer
 
     monkeypatch.setattr(services_module, "ReadvertiseTimer", Early)
@@ -331,8 +332,8 @@ async def test_record_left_behind(lab, monkeypatch):
         return 1  # claims to have removed it; the records stay
 
     plant_directory(monkeypatch, lab, "node-1", remove=remove)
-    # a 3 s TTL: the record left behind is surely still live when cleanup looks
-    assert await failed_boxes(lab, ttl=3.0) == {REMOVES}
+    # the record left behind lives 3 s after its last publication: still there when cleanup looks
+    assert await failed_boxes(lab) == {REMOVES}
 
 
 async def test_timer_kept_alive_after_unadvertise(lab, monkeypatch):
