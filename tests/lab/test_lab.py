@@ -227,3 +227,17 @@ def test_sync_twins_for_scripts():
     finally:
         lab.stop_sync()
     assert lab.stopped
+
+
+async def test_new_nodes_bootstrap_from_joined_running_nodes_only():
+    lab = await Lab.start(6, realm=REALM, transport="memory", sample_interval=None, seed=5)
+    try:
+        await lab.stop_node("node-2")
+        await lab.kill_node("node-4")
+        for _ in range(6):
+            handle = await lab.add_node()
+            assert handle.node.bootstrap, "a new node gets bootstrap peers"
+            assert not {"mem://node-2", "mem://node-4"} & set(handle.node.bootstrap)
+            assert handle.node.ready
+    finally:
+        await lab.stop()
