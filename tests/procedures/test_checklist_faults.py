@@ -282,8 +282,8 @@ class _Timer(services_module.ReadvertiseTimer):
 async def test_first_fire_at_a_quarter_of_the_interval(lab, monkeypatch):
     class Early(_Timer):
         @classmethod
-        def start(cls, service, ttl, now):
-            timer = super().start(service, ttl, now)
+        def start(cls, service, ttl, now, *args, **kw):
+            timer = super().start(service, ttl, now, *args, **kw)
             if service == SERVICE:
                 timer.next_fire = now + timer.interval / 4
             return timer
