@@ -36,8 +36,8 @@ class Directory(Protocol):
     async def store(self, key: bytes, entry: ProviderEntry) -> StoreOutcome:
         """Publish ``entry`` under ``key`` on the replicas."""
 
-    async def find(self, key: bytes) -> tuple[list[ProviderEntry], LookupOutcome]:
-        """The live entries under ``key``."""
+    async def find(self, key: bytes, *, exhaustive: bool = False) -> tuple[list[ProviderEntry], LookupOutcome]:
+        """The live entries under ``key`` (``exhaustive``: merged from every replica, not the first)."""
 
     async def remove(self, key: bytes, provider_id: bytes) -> int:
         """Withdraw one provider's entry; how many replicas removed it."""

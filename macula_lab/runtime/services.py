@@ -469,10 +469,10 @@ class Services:
                 return cached
         return await self._lookup(name)
 
-    async def _lookup(self, name: str) -> list[ProviderEntry]:
+    async def _lookup(self, name: str, *, exhaustive: bool = False) -> list[ProviderEntry]:
         """Ask the DHT (the cache missed, or the caller wants fresh providers)."""
         t0 = self._now()
-        entries, lookup = await self.directory.find(self.key(name))
+        entries, lookup = await self.directory.find(self.key(name), exhaustive=exhaustive)
         took = self._now() - t0
         self.samples["dht_query"].append((self.host.wall_time(), took))
         entries.sort(key=lambda e: e.node_id)
@@ -535,7 +535,9 @@ class Services:
                 if requeried:
                     break
                 requeried = True
-                providers = await self._lookup(name)
+                # every replica this time, not the first to answer: one that has not yet received
+                # a provider's STORE (still on its way to the farther replicas) must not end the call
+                providers = await self._lookup(name, exhaustive=True)
                 fresh = [p for p in providers if p.node_id not in excluded]
                 if not providers:
                     tried = ", ".join(a.provider for a in attempts)

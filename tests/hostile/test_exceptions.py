@@ -94,13 +94,15 @@ async def test_re_advertisement_survives_an_unexpected_exception(lab):
 
 async def test_handover_to_a_newcomer_that_raises_does_not_stop_the_node(lab):
     holder = lab.node("node-1").node
-    # ten keys: node-1 is among the three closest holders of some (handover comes from those)
-    for i in range(10):
+    # sixteen keys: node-1 is among the three closest holders of some (handover comes from those)
+    for i in range(16):
         await holder.advertise(f"svc.hand{i}", lambda args: "ok")
     before = holder.dht.counters["contact_errors"]
     # broken before the newcomer joins (memory endpoints are mem://NAME): its handover raises
     attempts = break_requests_to(holder, "mem://node-7", RuntimeError("injected"))
-    await lab.add_node("node-7")
+    newcomer = await lab.add_node("node-7")
+    # the newcomer's join need not reach node-1: a request from it makes node-1 meet it for sure
+    await newcomer.node.ping(holder.endpoint)
     await until(lambda: attempts, timeout=10, what="a handover to the broken newcomer")
     await lab.add_node("node-8")  # more handovers, to healthy contacts
     assert holder.running and all(not t.done() or not t.exception() for t in holder.tasks)
